@@ -1,0 +1,12 @@
+"""aff_seg: AutoFocusFormer segmentation as a Detectron2 project.
+
+Importing the package applies the detectron2 v0.6 compatibility fixes (``aff_seg.compat``)
+before detectron2 is touched, then registers the models and datasets with detectron2's
+registries.
+"""
+from . import compat  # noqa: F401  (must run before any detectron2 import)
+from .config import add_maskformer2_config
+from . import data  # noqa: F401  (dataset registrations)
+from . import modeling  # noqa: F401  (backbone / pixel decoder / decoder / meta-arch registrations)
+
+__all__ = ["add_maskformer2_config"]

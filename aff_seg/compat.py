@@ -1,0 +1,72 @@
+"""Run-time fixes that let detectron2 v0.6 work with today's libraries.
+
+Imported by ``aff_seg/__init__.py`` before anything touches detectron2.  Nothing is edited
+inside site-packages; each fix is a no-op where the library already behaves.
+
+1. Pillow >= 10 removed ``PIL.Image.LINEAR``; ``detectron2.data.transforms`` reads it at
+   import time.  It is aliased to ``BILINEAR`` (the same filter).
+2. numpy >= 1.24 removed the ``np.int``/``np.float``/``np.str``/``np.object`` aliases of the
+   builtins; ``SemSegEvaluator`` and ``detectron2.data.build`` use them.
+3. The pb1-detectron2 sdist has no C++ sources, so ``detectron2._C`` does not exist and the
+   modules that import it at import time fail.  A stub module takes its place; calling any
+   of its functions raises an error that says which pure-Python path to use instead.
+"""
+import importlib.util
+import sys
+import types
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["apply"]
+
+_NUMPY_ALIASES = {"int": int, "float": float, "str": str, "object": object, "bool": bool}
+
+
+class _MissingExtension(types.ModuleType):
+    """Stand-in for ``detectron2._C``: imports fine, fails clearly when used."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError(
+                f"detectron2._C.{name} is unavailable: detectron2 was installed without its "
+                "C++ extension (see README, Install). Use the pure-Python path instead, e.g. "
+                "COCOEvaluator(..., use_fast_impl=False)."
+            )
+
+        return _unavailable
+
+
+def _fix_pillow():
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _fix_numpy():
+    for name, builtin in _NUMPY_ALIASES.items():
+        if name not in vars(np):  # vars(): getattr would trigger numpy's deprecation warnings
+            setattr(np, name, builtin)
+
+
+def _fix_detectron2_c():
+    if "detectron2._C" in sys.modules:
+        return
+    try:
+        real = importlib.util.find_spec("detectron2._C")
+    except ModuleNotFoundError:  # detectron2 itself is absent: nothing to fix
+        return
+    if real is None:
+        sys.modules["detectron2._C"] = _MissingExtension("detectron2._C")
+
+
+def apply():
+    """Apply every fix (idempotent)."""
+    _fix_pillow()
+    _fix_numpy()
+    _fix_detectron2_c()
+
+
+apply()
