@@ -4,7 +4,10 @@ Importing the package applies the detectron2 v0.6 compatibility fixes (``aff_seg
 before detectron2 is touched, then registers the models and datasets with detectron2's
 registries.
 """
-from . import compat  # noqa: F401  (must run before any detectron2 import)
+from .compat import apply as _apply_compat_fixes
+
+_apply_compat_fixes()  # must run before any detectron2 import
+
 from .config import add_maskformer2_config
 from . import data  # noqa: F401  (dataset registrations)
 from . import modeling  # noqa: F401  (backbone / pixel decoder / decoder / meta-arch registrations)

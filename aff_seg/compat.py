@@ -1,6 +1,6 @@
 """Run-time fixes that let detectron2 v0.6 work with today's libraries.
 
-Imported by ``aff_seg/__init__.py`` before anything touches detectron2.  Nothing is edited
+``aff_seg/__init__.py`` calls ``apply()`` before anything touches detectron2.  Nothing is edited
 inside site-packages; each fix is a no-op where the library already behaves.
 
 1. Pillow >= 10 removed ``PIL.Image.LINEAR``; ``detectron2.data.transforms`` reads it at
@@ -67,6 +67,3 @@ def apply():
     _fix_pillow()
     _fix_numpy()
     _fix_detectron2_c()
-
-
-apply()

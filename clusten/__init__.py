@@ -1,1 +1,18 @@
-"""clusten: AFF's neighbourhood ops (CUDA kernels with pure-PyTorch twins); needs torch alone."""
+"""clusten: AFF's neighbourhood ops (CUDA kernels with pure-PyTorch twins); needs torch alone.
+
+Public ops (argument order of the original autograd functions):
+
+- ``clusten_qk(query, key, nbhd_idx)``: ``b x h x n x c``, ``b x h x n_ x c``, ``b x n x m`` -> ``b x h x n x m``
+- ``clusten_av(attn, value, nbhd_idx)``: ``b x h x n x m``, ``b x h x n_ x c``, ``b x n x m`` -> ``b x h x n x c``
+- ``clusten_wf(weights, feat, nbhd_idx)``: ``b x n x m x ic``, ``b x n_ x c``, ``b x n x m`` -> ``b x n x ic x c``
+- ``weighted_gather(nbhd_idx, weights, feat)``: ``b x n x k``, ``b x n x k``, ``b x n_ x c`` -> ``b x n x c``
+- ``msdetrpc(nn_idx, nn_weight, attn, value)``: ``b x n x m x k`` (x2), ``b x n x m``, ``b x n_ x c`` -> ``b x n x c``
+- ``knn(query, database, k, return_dist=False)``: ``b x n x d``, ``b x n_ x d`` -> ``b x n x k`` int64
+
+CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
+``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
+"""
+from .knn import knn
+from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
+
+__all__ = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn"]

@@ -1,0 +1,75 @@
+"""Training mapper for instance segmentation (``INPUT.DATASET_MAPPER_NAME: mask_former_instance``)."""
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .utils import IMAGE_PAD_VALUE, crop_and_colour_augmentations, pad_to_multiple, segments_to_instances
+
+__all__ = ["MaskFormerInstanceDatasetMapper"]
+
+
+class MaskFormerInstanceDatasetMapper:
+    """Read an image and its instance annotations (polygons, RLE or binary masks), augment them
+    (resize, plain random crop, colour, flip) and make one mask target per non-crowd instance.
+
+    Output dict: ``image`` (3 x H x W uint8, padded with 128) and ``instances``
+    (gt_classes, gt_masks padded with 0).
+    """
+
+    @configurable
+    def __init__(self, is_train=True, *, augmentations, image_format, size_divisibility):
+        """
+        Args:
+            is_train: must be True; evaluation uses detectron2's ``DatasetMapper``.
+            augmentations: list of detectron2 augmentations.
+            image_format: format for ``read_image``.
+            size_divisibility: pad to a multiple of this (<= 0: no padding).
+        """
+        if not is_train:
+            raise ValueError(f"{type(self).__name__} is a training mapper; got is_train=False")
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.size_divisibility = size_divisibility
+        logging.getLogger(__name__).info(f"[{type(self).__name__}] augmentations: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        return {
+            "is_train": is_train,
+            "augmentations": crop_and_colour_augmentations(cfg, category_area_constraint=False),
+            "image_format": cfg.INPUT.FORMAT,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+        }
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)
+        if "annotations" not in dataset_dict:
+            raise ValueError(f"{dataset_dict['file_name']}: no 'annotations' to train on")
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, image.shape[:2])
+            for obj in dataset_dict.pop("annotations")
+            if obj.get("iscrowd", 0) == 0
+        ]
+        # bitmask format rasterises polygons and decodes RLE alike
+        instances = utils.annotations_to_instances(annos, image.shape[:2], mask_format="bitmask")
+        masks = instances.gt_masks.tensor if len(annos) else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)
+
+        image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image = pad_to_multiple(image, self.size_divisibility, IMAGE_PAD_VALUE)
+        masks = pad_to_multiple(masks, self.size_divisibility, 0)
+        dataset_dict["image"] = image
+        dataset_dict["instances"] = segments_to_instances(
+            instances.gt_classes.numpy(), list(masks), tuple(image.shape[-2:])
+        )
+        return dataset_dict

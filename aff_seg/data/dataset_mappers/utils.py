@@ -1,0 +1,118 @@
+"""Pieces shared by the Mask2Former training mappers: augmentation lists, padding, targets.
+
+Every mapper turns one detectron2 dataset dict into ``{"image": 3 x H x W uint8 tensor,
+"instances": Instances(gt_classes: k, gt_masks: k x H x W bool/uint8), ...}``; what differs is
+where the k segments come from (a label map, annotations or a panoptic PNG).
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.data import transforms as T
+from detectron2.projects.point_rend import ColorAugSSDTransform
+from detectron2.structures import BitMasks, Instances
+
+__all__ = [
+    "IMAGE_PAD_VALUE",
+    "crop_and_colour_augmentations",
+    "large_scale_jitter_augmentations",
+    "pad_to_multiple",
+    "segments_to_instances",
+    "panoptic_segments",
+]
+
+# grey, as upstream: the value an image is padded with before normalisation
+IMAGE_PAD_VALUE = 128
+
+
+def crop_and_colour_augmentations(cfg, category_area_constraint):
+    """Resize the short side, random crop, SSD colour jitter, horizontal flip (cfg.INPUT.*).
+
+    ``category_area_constraint``: crop with ``RandomCrop_CategoryAreaConstraint`` (semantic and
+    panoptic mappers, which see a label map) instead of a plain ``RandomCrop`` (instance mapper).
+    """
+    augs = [
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    ]
+    if cfg.INPUT.CROP.ENABLED:
+        if category_area_constraint:
+            augs.append(
+                T.RandomCrop_CategoryAreaConstraint(
+                    cfg.INPUT.CROP.TYPE,
+                    cfg.INPUT.CROP.SIZE,
+                    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+                )
+            )
+        else:
+            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+    if cfg.INPUT.COLOR_AUG_SSD:
+        augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
+    augs.append(T.RandomFlip())
+    return augs
+
+
+def large_scale_jitter_augmentations(cfg):
+    """LSJ: flip, rescale by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE, fixed square crop/pad."""
+    size = cfg.INPUT.IMAGE_SIZE
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    augs.append(
+        T.ResizeScale(
+            min_scale=cfg.INPUT.MIN_SCALE,
+            max_scale=cfg.INPUT.MAX_SCALE,
+            target_height=size,
+            target_width=size,
+        )
+    )
+    augs.append(T.FixedSizeCrop(crop_size=(size, size), pad_value=IMAGE_PAD_VALUE))
+    return augs
+
+
+def pad_to_multiple(tensor, divisibility, value):
+    """Pad the last two dims of ``tensor`` (... x H x W) on the right/bottom to a multiple of
+    ``divisibility`` with ``value``; ``divisibility <= 0`` returns it unchanged.
+
+    With the shipped configs (crop 512, SIZE_DIVISIBILITY 512) this pads to exactly 512 x 512.
+    """
+    if divisibility <= 0:
+        return tensor
+    h, w = tensor.shape[-2:]
+    pad_h = -h % divisibility
+    pad_w = -w % divisibility
+    if pad_h == 0 and pad_w == 0:
+        return tensor
+    return F.pad(tensor, [0, pad_w, 0, pad_h], value=value).contiguous()
+
+
+def segments_to_instances(classes, masks, image_shape):
+    """Instances of ``image_shape`` (h, w) with gt_classes (k, int64) and gt_masks (k x h x w).
+
+    ``masks``: a list of k boolean h x w arrays or tensors.
+    """
+    instances = Instances(image_shape)
+    instances.gt_classes = torch.as_tensor(np.asarray(classes, dtype=np.int64).reshape(-1))
+    if len(masks) == 0:
+        instances.gt_masks = torch.zeros((0, *image_shape), dtype=torch.bool)
+    else:
+        stacked = torch.stack([torch.as_tensor(np.ascontiguousarray(m)) for m in masks])
+        instances.gt_masks = BitMasks(stacked).tensor
+    return instances
+
+
+def panoptic_segments(pan_seg_ids, segments_info):
+    """(classes, masks) of the non-crowd segments of a panoptic id map (h x w int array)."""
+    classes, masks = [], []
+    for segment in segments_info:
+        if segment.get("iscrowd", 0):
+            continue
+        classes.append(segment["category_id"])
+        masks.append(pan_seg_ids == segment["id"])
+    return classes, masks

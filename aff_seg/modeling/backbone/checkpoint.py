@@ -1,0 +1,117 @@
+"""Loading AFF weights without executing code from the file, and the classification checkpoints.
+
+* ``load_weights_file``: ``.pth``/``.pt`` through ``torch.load(weights_only=True)`` (numpy arrays
+  allowed: the official classification checkpoints store numpy's RNG state); ``.pkl`` through a
+  restricted unpickler that accepts tensors, numpy arrays and plain containers only (the
+  converter's output and detectron2's model-zoo files).
+* ``AFFCheckpointer``: a ``DetectionCheckpointer`` that reads files that way and recognises an
+  official ImageNet classification checkpoint (keys without prefix, plus ``head.*``/``norm.*``):
+  its backbone tensors are mapped onto the model's backbone by name, the classifier is dropped,
+  and one log line says what was mapped and what was dropped. detectron2's own report then
+  lists whatever the model still misses (the output norms ``norm0..3`` and the heads).
+"""
+import io
+import logging
+import pickle
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_PREFIXES = ("head.", "norm.")  # the classification model's final norm and classifier
+STEM_KEY = "patch_embed.proj1.weight"
+
+
+def _numpy_globals():
+    core = getattr(np, "_core", None) or np.core
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype] + dtype_classes
+
+
+def _load_tensor_bytes(data):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for weight files: tensors, numpy arrays and containers; anything else is refused."""
+
+    def find_class(self, module, name):
+        allowed = {
+            ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): _load_tensor_bytes,
+            ("torch", "Size"): torch.Size,
+        }
+        for obj in _numpy_globals():
+            allowed[(obj.__module__, obj.__name__)] = obj
+            allowed[(obj.__module__.replace("numpy._core", "numpy.core"), obj.__name__)] = obj
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a weights file may only hold tensors, numpy arrays "
+                "and plain containers"
+            )
+        return allowed[(module, name)]
+
+
+def load_weights_file(filename):
+    """Read a checkpoint file (local path or detectron2 PathManager URL) without running its code.
+
+    Returns:
+        The unpickled object (usually a dict); ``.pkl`` files are read with latin1 encoding,
+        as detectron2 does.
+    """
+    with PathManager.open(filename, "rb") as f:
+        if filename.endswith(".pkl"):
+            return _RestrictedUnpickler(f, encoding="latin1").load()
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def split_classification_checkpoint(state_dict):
+    """Backbone and classifier tensors of an official AFF classification state_dict.
+
+    Returns:
+        ``(backbone, dropped)``: the state_dict without the classifier, and the dropped key names;
+        ``(None, [])`` if ``state_dict`` is not a classification checkpoint (no un-prefixed stem).
+    """
+    if STEM_KEY not in state_dict:
+        return None, []
+    dropped = sorted(k for k in state_dict if k.startswith(CLASSIFIER_PREFIXES))
+    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}, dropped
+
+
+class AFFCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with code-free loading and AFF classification checkpoints.
+
+    Use it wherever detectron2's checkpointer loads ``MODEL.WEIGHTS`` (trainer, predictor).
+    """
+
+    def _load_file(self, filename):
+        if not filename.endswith((".pth", ".pt", ".pkl")):
+            return super()._load_file(filename)
+        loaded = load_weights_file(filename)
+        if filename.endswith(".pkl") and not ("model" in loaded and "__author__" in loaded):
+            raise ValueError(f"{filename}: not a detectron2-format .pkl (needs 'model' and '__author__')")
+        if not isinstance(loaded, dict) or "model" not in loaded:
+            loaded = {"model": loaded}
+        backbone, dropped = split_classification_checkpoint(loaded["model"])
+        if backbone is None:
+            return loaded
+        prefix = self._backbone_prefix()
+        logger.info(
+            f"{filename}: AFF classification checkpoint; {len(backbone)} backbone tensors mapped to "
+            f"'{prefix}*', classifier dropped: {', '.join(dropped) or 'none'}"
+        )
+        return {"model": {prefix + k: v for k, v in backbone.items()}, "__author__": "AFF classification"}
+
+    def _backbone_prefix(self):
+        for key in self.model.state_dict():
+            if key.endswith(STEM_KEY):
+                return key[: -len(STEM_KEY)]
+        raise ValueError(f"the model has no AFF backbone ('*{STEM_KEY}') to load a classification checkpoint into")

@@ -1,0 +1,54 @@
+"""The detectron2 backbone ``AutoFocusFormer``: the plain ``AFF`` core built from ``cfg.MODEL.AFF.*``."""
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+from .aff import AFF
+
+__all__ = ["AutoFocusFormer"]
+
+OUT_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+@BACKBONE_REGISTRY.register()
+class AutoFocusFormer(AFF, Backbone):
+    """AFF registered under the original's name; ``output_shape`` gives res2..res5 with the
+    stage dims as channels and nominal strides 4, 8, 16, 32 (the tokens are not on a grid:
+    each output also carries ``res{i}_pos`` and ``res{i}_spatial_shape``)."""
+
+    @configurable
+    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **aff_kwargs):
+        unknown = [f for f in out_features if f not in OUT_STRIDES]
+        if unknown:
+            raise ValueError(f"MODEL.AFF.OUT_FEATURES: unknown {unknown}, expected some of {list(OUT_STRIDES)}")
+        super().__init__(out_indices=[int(f[3:]) - 2 for f in out_features], **aff_kwargs)
+        self._out_features = list(out_features)
+        self._out_feature_strides = {f: OUT_STRIDES[f] for f in out_features}
+        self._out_feature_channels = {f: self.num_features[int(f[3:]) - 2] for f in out_features}
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        aff = cfg.MODEL.AFF
+        return dict(
+            in_chans=input_shape.channels,
+            embed_dim=list(aff.EMBED_DIM),
+            depths=list(aff.DEPTHS),
+            num_heads=list(aff.NUM_HEADS),
+            mlp_ratio=aff.MLP_RATIO,
+            cluster_size=aff.CLUSTER_SIZE,
+            nbhd_size=list(aff.NBHD_SIZE),
+            layer_scale=aff.LAYER_SCALE,
+            alpha=aff.ALPHA,
+            ds_rate=aff.DS_RATE,
+            reserve_on=aff.RESERVE,
+            drop_rate=aff.DROP_RATE,
+            attn_drop_rate=aff.ATTN_DROP_RATE,
+            drop_path_rate=aff.DROP_PATH_RATE,
+            patch_norm=aff.PATCH_NORM,
+            out_features=list(aff.OUT_FEATURES),
+        )
+
+    def output_shape(self):
+        return {
+            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            for f in self._out_features
+        }

@@ -1,0 +1,78 @@
+"""MaskFormerHead: the point-cloud pixel decoder followed by the transformer decoder."""
+from typing import Dict
+
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from ..pixel_decoder.msdeformattn_pc import build_pixel_decoder
+from ..transformer_decoder.mask2former_transformer_decoder import build_transformer_decoder
+
+__all__ = ["MaskFormerHead"]
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MaskFormerHead(nn.Module):
+    """``sem_seg_head`` of the MaskFormer meta-architecture (keys ``pixel_decoder.*`` and
+    ``predictor.*``, as in the official checkpoints)."""
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        pixel_decoder: nn.Module,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+        transformer_predictor: nn.Module,
+        transformer_in_feature: str,
+    ):
+        """
+        Args:
+            input_shape: the backbone outputs this head reads.
+            num_classes: K.
+            pixel_decoder: module with ``forward_features`` returning the 5-tuple of
+                ``MSDeformAttnPixelDecoder``.
+            loss_weight, ignore_value: kept for config compatibility (unused by the set losses).
+            transformer_predictor: the transformer decoder.
+            transformer_in_feature: must be "multi_scale_pixel_decoder" (the only mode the
+                point-cloud pixel decoder supports).
+        """
+        super().__init__()
+        if transformer_in_feature != "multi_scale_pixel_decoder":
+            raise ValueError(
+                "MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE must be 'multi_scale_pixel_decoder' with the "
+                f"point-cloud pixel decoder, got {transformer_in_feature!r}"
+            )
+        self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
+        self.ignore_value = ignore_value
+        self.common_stride = 4
+        self.loss_weight = loss_weight
+        self.pixel_decoder = pixel_decoder
+        self.predictor = transformer_predictor
+        self.transformer_in_feature = transformer_in_feature
+        self.num_classes = num_classes
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "ignore_value": head.IGNORE_VALUE,
+            "num_classes": head.NUM_CLASSES,
+            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
+            "loss_weight": head.LOSS_WEIGHT,
+            "transformer_in_feature": cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE,
+            "transformer_predictor": build_transformer_decoder(cfg, head.CONVS_DIM, mask_classification=True),
+        }
+
+    def forward(self, features, mask=None):
+        """features: the backbone's dict -> the transformer decoder's prediction dict."""
+        return self.layers(features, mask)
+
+    def layers(self, features, mask=None):
+        mask_features, mf_pos, _, multi_scale_features, multi_scale_poss = self.pixel_decoder.forward_features(features)
+        return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, mask)

@@ -1,0 +1,302 @@
+"""The MaskFormer meta-architecture: AFF backbone + MaskFormerHead, set losses in training and
+semantic / panoptic / instance post-processing in inference (upstream Mask2Former's)."""
+from typing import Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.memory import retry_if_cuda_oom
+
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+
+__all__ = ["MaskFormer", "check_num_classes"]
+
+
+# dataset mappers whose targets are the things only (labels index thing_classes); the others
+# (semantic, panoptic) label every class (stuff_classes, which then includes the things)
+INSTANCE_MAPPERS = ("mask_former_instance", "coco_instance_lsj")
+
+
+def check_num_classes(num_classes, metadata, mapper_name):
+    """Raise if the dataset's metadata lists a different number of classes than the config.
+
+    Instance mappers label ``thing_classes``, the semantic and panoptic ones ``stuff_classes``;
+    a dataset without that list is not checked.
+    """
+    key = "thing_classes" if mapper_name in INSTANCE_MAPPERS else "stuff_classes"
+    classes = metadata.get(key, None)
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes} but dataset {metadata.name!r} has {len(classes)} "
+            f"{key} (INPUT.DATASET_MAPPER_NAME={mapper_name!r})"
+        )
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification model (Mask2Former) on the AFF backbone."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Tuple[float],
+        pixel_std: Tuple[float],
+        semantic_on: bool,
+        panoptic_on: bool,
+        instance_on: bool,
+        test_topk_per_image: int,
+    ):
+        """
+        Args:
+            backbone: detectron2 Backbone returning the AFF token dict.
+            sem_seg_head: MaskFormerHead; criterion: SetCriterion.
+            num_queries: Q.
+            object_mask_threshold: panoptic: minimum class score of a kept query.
+            overlap_threshold: panoptic: minimum visible / predicted area of a kept segment.
+            metadata: the dataset's metadata (thing ids for panoptic / instance inference).
+            size_divisibility: pad the input to a multiple of this (< 0: the backbone's).
+            sem_seg_postprocess_before_inference: resize the masks to the output size first.
+            pixel_mean, pixel_std: per-channel normalisation of the input.
+            semantic_on, panoptic_on, instance_on: which outputs inference produces.
+            test_topk_per_image: instance inference keeps this many (query, class) pairs.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.overlap_threshold = overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.metadata = metadata
+        if size_divisibility < 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.test_topk_per_image = test_topk_per_image
+        if not self.semantic_on and not self.sem_seg_postprocess_before_inference:
+            raise ValueError("sem_seg_postprocess_before_inference must be True when semantic inference is off")
+        if panoptic_on and metadata.get("thing_dataset_id_to_contiguous_id", None) is None:
+            raise ValueError(
+                f"panoptic inference needs thing_dataset_id_to_contiguous_id in the metadata of "
+                f"{metadata.name!r}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        mf = cfg.MODEL.MASK_FORMER
+
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+        )
+        base_weights = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
+        weight_dict = dict(base_weights)
+        if mf.DEEP_SUPERVISION:  # one auxiliary prediction per decoder layer (DEC_LAYERS - 1)
+            for i in range(mf.DEC_LAYERS - 1):
+                weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
+        criterion = SetCriterion(
+            sem_seg_head.num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+        )
+
+        datasets = tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST)
+        metadata = MetadataCatalog.get(datasets[0] if datasets else "__aff_seg_no_dataset__")
+        check_num_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, metadata, cfg.INPUT.DATASET_MAPPER_NAME)
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "metadata": metadata,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": (
+                mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or mf.TEST.PANOPTIC_ON or mf.TEST.INSTANCE_ON
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": mf.TEST.SEMANTIC_ON,
+            "instance_on": mf.TEST.INSTANCE_ON,
+            "panoptic_on": mf.TEST.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Normalise and pad the images of a batch into an ImageList."""
+        if len(batched_inputs) == 0:
+            raise ValueError("MaskFormer: batched_inputs is empty")
+        images = []
+        for i, x in enumerate(batched_inputs):
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0] or image.shape[1] == 0 \
+                    or image.shape[2] == 0:
+                raise ValueError(
+                    f"MaskFormer: image {i} must be a non-empty {self.pixel_mean.shape[0]} x H x W tensor, "
+                    f"got shape {tuple(image.shape)}"
+                )
+            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs):
+        """
+        Args:
+            batched_inputs: list of dataset-mapper dicts: ``image`` (C x H x W), in training
+                ``instances`` (``gt_classes``, ``gt_masks``), optionally ``height``/``width``.
+        Returns:
+            training: dict of weighted losses.  Inference: one dict per image with ``sem_seg``
+            (K x H x W), ``panoptic_seg`` ((H x W int32 ids, segments_info)) and/or ``instances``
+            (``pred_masks``, ``scores``, ``pred_classes``, ``pred_boxes``) at ``height x width``.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features)
+
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
+            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            losses = self.criterion(outputs, targets)
+            return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+
+        mask_cls_results = outputs["pred_logits"].float()
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+        del outputs
+
+        processed_results = []
+        for mask_cls, mask_pred, input_per_image, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            result = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
+                mask_cls = mask_cls.to(mask_pred)
+            if self.semantic_on:
+                r = retry_if_cuda_oom(self.semantic_inference)(mask_cls, mask_pred)
+                if not self.sem_seg_postprocess_before_inference:
+                    r = retry_if_cuda_oom(sem_seg_postprocess)(r, image_size, height, width)
+                result["sem_seg"] = r
+            if self.panoptic_on:
+                result["panoptic_seg"] = retry_if_cuda_oom(self.panoptic_inference)(mask_cls, mask_pred)
+            if self.instance_on:
+                result["instances"] = retry_if_cuda_oom(self.instance_inference)(mask_cls, mask_pred)
+            processed_results.append(result)
+        return processed_results
+
+    def prepare_targets(self, targets, images):
+        """Instances -> list of {"labels": T, "masks": T x H_pad x W_pad} (zero-padded)."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        new_targets = []
+        for t in targets:
+            gt_masks = t.gt_masks.tensor if hasattr(t.gt_masks, "tensor") else t.gt_masks
+            padded = torch.zeros((gt_masks.shape[0], h_pad, w_pad), dtype=gt_masks.dtype, device=gt_masks.device)
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            new_targets.append({"labels": t.gt_classes, "masks": padded})
+        return new_targets
+
+    def _thing_ids(self):
+        return set(self.metadata.thing_dataset_id_to_contiguous_id.values())
+
+    def semantic_inference(self, mask_cls, mask_pred):
+        """``Q x (K+1)``, ``Q x H x W`` -> ``K x H x W`` class scores."""
+        return torch.einsum("qc,qhw->chw", F.softmax(mask_cls, dim=-1)[..., :-1], mask_pred.sigmoid())
+
+    def panoptic_inference(self, mask_cls, mask_pred):
+        """``Q x (K+1)``, ``Q x H x W`` -> (``H x W`` int32 segment ids, segments_info)."""
+        scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+        mask_pred = mask_pred.sigmoid()
+        keep = labels.ne(self.sem_seg_head.num_classes) & (scores > self.object_mask_threshold)
+        cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_pred[keep]
+        cur_prob_masks = cur_scores.view(-1, 1, 1) * cur_masks
+
+        h, w = cur_masks.shape[-2:]
+        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=cur_masks.device)
+        segments_info = []
+        if cur_masks.shape[0] == 0:
+            return panoptic_seg, segments_info
+        thing_ids = self._thing_ids()
+        cur_mask_ids = cur_prob_masks.argmax(0)
+        stuff_memory = {}
+        segment_id = 0
+        for k in range(cur_classes.shape[0]):
+            pred_class = int(cur_classes[k].item())
+            isthing = pred_class in thing_ids
+            mask_area = (cur_mask_ids == k).sum().item()
+            original_area = (cur_masks[k] >= 0.5).sum().item()
+            mask = (cur_mask_ids == k) & (cur_masks[k] >= 0.5)
+            if mask_area > 0 and original_area > 0 and mask.sum().item() > 0:
+                if mask_area / original_area < self.overlap_threshold:
+                    continue
+                if not isthing:  # merge the regions of one stuff class
+                    if pred_class in stuff_memory:
+                        panoptic_seg[mask] = stuff_memory[pred_class]
+                        continue
+                    stuff_memory[pred_class] = segment_id + 1
+                segment_id += 1
+                panoptic_seg[mask] = segment_id
+                segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": pred_class})
+        return panoptic_seg, segments_info
+
+    def instance_inference(self, mask_cls, mask_pred):
+        """Top (query, class) pairs by a stable descending sort of the class score -> Instances."""
+        num_classes = self.sem_seg_head.num_classes
+        scores = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
+        flat = scores.flatten(0, 1)
+        topk = min(self.test_topk_per_image, flat.numel())
+        # ties go to the lower (query, class) index (reference section 15.4)
+        sorted_scores, order = torch.sort(flat, descending=True, stable=True)
+        scores_per_image, topk_indices = sorted_scores[:topk], order[:topk]
+        labels_per_image = topk_indices % num_classes
+        mask_pred = mask_pred[torch.div(topk_indices, num_classes, rounding_mode="floor")]
+
+        if self.panoptic_on:  # panoptic models report instances of thing classes only
+            thing_ids = torch.tensor(sorted(self._thing_ids()), device=labels_per_image.device, dtype=torch.int64)
+            keep = torch.isin(labels_per_image, thing_ids)
+            scores_per_image, labels_per_image, mask_pred = scores_per_image[keep], labels_per_image[keep], mask_pred[keep]
+
+        result = Instances(mask_pred.shape[-2:])
+        result.pred_masks = (mask_pred > 0).float()
+        result.pred_boxes = Boxes(torch.zeros(mask_pred.size(0), 4, device=mask_pred.device))
+        flat_masks = result.pred_masks.flatten(1)
+        mask_scores = (mask_pred.sigmoid().flatten(1) * flat_masks).sum(1) / (flat_masks.sum(1) + 1e-6)
+        result.scores = scores_per_image * mask_scores
+        result.pred_classes = labels_per_image
+        return result

@@ -1,0 +1,375 @@
+"""Point-cloud multi-scale deformable-attention pixel decoder (reference section 5).
+
+The backbone's res5/res4/res3 tokens attend to each other with deformable attention whose
+sampling locations are read off the token point clouds by Shepard interpolation of the 4
+nearest tokens; the res3 output is then interpolated onto the res2 tokens (all stride-4 grid
+pixels), refined by a PointConv and projected to the mask features.
+
+Precision: positions, sampling locations, Shepard weights, the attention softmax and the
+aggregation always run in float32 (a bf16 location is off by up to a whole grid cell beyond
+x = 256); the linear layers follow autocast (measured in tests/modeling/heads/test_precision.py).
+"""
+import math
+from typing import Dict, List
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+import clusten
+
+from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_weights
+from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
+
+__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoder", "grid_positions"]
+
+# the FPN step interpolates res3 onto res2 from the 4 nearest tokens with weights ~ d^-6
+FPN_SHEPARD_K = 4
+FPN_SHEPARD_POWER = 3.0
+# PointConv (layer_1) neighbourhood: the token and its 8 nearest tokens
+POINTCONV_K = 9
+# candidate tokens per sampling location (the nb_idx lookup)
+SAMPLING_K = 4
+
+
+def build_pixel_decoder(cfg, input_shape):
+    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
+    name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
+    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    if not callable(getattr(model, "forward_features", None)):
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} has no forward_features method, "
+            "so it cannot be used as a pixel decoder"
+        )
+    return model
+
+
+def grid_positions(h, w, batch, device):
+    """All (x, y) of the ``h x w`` stride-4 grid in row-major order: ``batch x (h*w) x 2`` float32."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
+
+
+class MSDeformAttnPc(nn.Module):
+    """Multi-scale deformable attention on point clouds (``MSDeformAttnPc`` of the original).
+
+    Each query token samples ``n_points`` locations per head and level at
+    ``its position + offset`` (stride-4 grid units at every level).  A location's value is the
+    Shepard interpolation of the 4 level tokens nearest to the rounded, clamped location
+    (``nb_idx`` lookup), weighted by ``1 / ((d^2)^shepard_power + 1e-11)`` of the unrounded
+    location; the samples are combined with softmax attention weights (clusten.msdetrpc).
+    """
+
+    def __init__(self, d_model=256, n_levels=3, n_heads=8, n_points=4, shepard_power=3.0,
+                 shepard_power_learnable=True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        if shepard_power_learnable:
+            self.shepard_power = nn.Parameter(torch.full((1,), float(shepard_power)))
+        else:  # a plain number: no state_dict entry (the COCO checkpoints have none)
+            self.shepard_power = float(shepard_power)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        direction = torch.stack([thetas.cos(), thetas.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True)[0]  # onto the unit square
+        grid = direction.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    @staticmethod
+    def _sampling_neighbours(loc, level_pos, level_nb_idx, grid_hw, power):
+        """Candidate tokens and Shepard weights of sampling locations on one level.
+
+        Args:
+            loc: ``b x s x 2`` float32 sampling locations (stride-4 grid units).
+            level_pos: ``b x n_l x 2`` positions of the level's tokens.
+            level_nb_idx: ``b x (h*w) x 4`` the level's 4 tokens nearest to each grid pixel.
+            grid_hw: (h, w) of the stride-4 grid; power: Shepard power on squared distances.
+        Returns:
+            idx ``b x s x 4`` (int64, into the level's tokens; no gradient) and weights
+            ``b x s x 4`` float32 from the unrounded locations (gradient to loc and power).
+        """
+        h, w = grid_hw
+        with torch.no_grad():
+            cell = loc.round().long()
+            pixel = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)  # b x s
+            idx = level_nb_idx.gather(1, pixel.unsqueeze(-1).expand(-1, -1, level_nb_idx.shape[-1]))
+        dist2 = (loc.unsqueeze(2) - gather_points(level_pos.float(), idx)).pow(2).sum(-1)
+        return idx, shepard_weights(dist2, power)
+
+    def forward(self, queries, poss, values, nb_idx, grid_hw):
+        """
+        Args:
+            queries: list over levels of ``b x n_l x c`` (features + position encoding).
+            poss: list over levels of ``b x n_l x 2`` token positions.
+            values: list over levels of ``b x n_l x c`` (features without position encoding).
+            nb_idx: list over levels of ``b x (h*w) x 4``, the level's 4 tokens nearest to each
+                pixel of the stride-4 grid.
+            grid_hw: (h, w) of the stride-4 grid.
+        Returns:
+            list over levels of ``b x n_l x c``.
+        """
+        b, _, c = queries[0].shape
+        nh, nl, nk = self.n_heads, self.n_levels, self.n_points
+        if len(queries) != nl:
+            raise ValueError(f"expected {nl} levels, got {len(queries)}")
+        counts = [q.shape[1] for q in queries]
+        n = sum(counts)
+        query = torch.cat(queries, dim=1)  # b x n x c, all levels' queries at once
+        value = self.value_proj(torch.cat(values, dim=1))  # b x n x c
+        value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh)
+
+        device_type = query.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            query = query.float()
+            offsets = F.linear(query, self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float())
+            offsets = offsets.view(b, n, nh, nl, nk, 2)
+            logits = F.linear(query, self.attention_weights.weight.float(), self.attention_weights.bias.float())
+            attn = logits.view(b, n, nh, nl * nk).softmax(-1).view(b, n, nh, nl, nk)
+            pos = torch.cat(poss, dim=1).float()  # b x n x 2
+            loc = pos[:, :, None, None, None, :] + offsets  # b x n x heads x levels x points x 2
+            level_idx, level_weights = [], []
+            start = 0
+            for lvl in range(nl):
+                # b x n x heads x points x 2 -> b x (heads*n*points) x 2, ordered (head, query, point)
+                lvl_loc = loc[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b, nh * n * nk, 2)
+                idx, weights = self._sampling_neighbours(lvl_loc, poss[lvl], nb_idx[lvl], grid_hw, self.shepard_power)
+                level_idx.append((idx + start).view(b * nh, n, nk, SAMPLING_K))
+                level_weights.append(weights.view(b * nh, n, nk, SAMPLING_K))
+                start += counts[lvl]
+            # sample index m = point * levels + level (the original's inner order)
+            nn_idx = torch.stack(level_idx, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
+            nn_weight = torch.stack(level_weights, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
+            attn = attn.permute(0, 2, 1, 4, 3).reshape(b * nh, n, nk * nl)
+            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value.float())  # b*heads x n x c'
+        out = out.view(b, nh, n, c // nh).transpose(1, 2).reshape(b, n, c)
+        out = self.output_proj(out)
+        return list(out.split(counts, dim=1))
+
+
+class MSDeformAttnTransformerEncoderLayerPc(nn.Module):
+    """Post-norm encoder layer: deformable self-attention over all levels, then a ReLU FFN."""
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=3, n_heads=8, n_points=4,
+                 shepard_power=3.0, shepard_power_learnable=True):
+        super().__init__()
+        self.self_attn = MSDeformAttnPc(d_model, n_levels, n_heads, n_points, shepard_power,
+                                        shepard_power_learnable)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
+        """srcs, pos_embeds: lists of ``b x n_l x c``; poss: ``b x n_l x 2`` -> list of ``b x n_l x c``."""
+        queries = [s + p for s, p in zip(srcs, pos_embeds)]
+        attended = self.self_attn(queries, poss, srcs, nb_idx, grid_hw)
+        outs = []
+        for src, att in zip(srcs, attended):
+            src = self.norm1(src + self.dropout1(att))
+            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+            outs.append(self.norm2(src + self.dropout3(ffn)))
+        return outs
+
+
+class MSDeformAttnTransformerEncoderPc(nn.Module):
+    def __init__(self, encoder_layer_kwargs, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [MSDeformAttnTransformerEncoderLayerPc(**encoder_layer_kwargs) for _ in range(num_layers)]
+        )
+
+    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
+        for layer in self.layers:
+            srcs = layer(srcs, poss, pos_embeds, nb_idx, grid_hw)
+        return srcs
+
+
+class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
+    """The encoder stack plus the per-level embedding added to the position encodings."""
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.1,
+                 num_feature_levels=3, enc_n_points=4, shepard_power=3.0, shepard_power_learnable=True):
+        super().__init__()
+        self.encoder = MSDeformAttnTransformerEncoderPc(
+            dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels,
+                 n_heads=nhead, n_points=enc_n_points, shepard_power=shepard_power,
+                 shepard_power_learnable=shepard_power_learnable),
+            num_encoder_layers,
+        )
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttnPc):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
+        pos_embeds = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)]
+        return self.encoder(srcs, poss, pos_embeds, nb_idx, grid_hw)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MSDeformAttnPixelDecoder(nn.Module):
+    """AFF's pixel decoder on token point clouds (registered under upstream's name).
+
+    ``forward_features(features)`` takes the backbone's dict (``res{i}`` ``b x n_i x C_i``,
+    ``res{i}_pos`` ``b x n_i x 2``, ``res{i}_spatial_shape`` (h, w)) and returns
+    ``(mask_features b x n_2 x mask_dim, res2 positions b x n_2 x 2, res5 encoder output,
+    [res5, res4, res3] encoder outputs, [res5, res4, res3] positions)``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        conv_dim: int,
+        mask_dim: int,
+        transformer_in_features: List[str],
+        common_stride: int,
+        shepard_power: float,
+        shepard_power_learnable: bool,
+    ):
+        """
+        Args:
+            input_shape: backbone output shapes (channels, nominal stride) by feature name.
+            transformer_dropout, transformer_nheads, transformer_dim_feedforward,
+            transformer_enc_layers: the deformable encoder's settings.
+            conv_dim: width of the encoder and the FPN level; mask_dim: mask feature width.
+            transformer_in_features: the features the encoder attends over (res3..res5).
+            common_stride: stride of the mask features (4: one FPN level, res2).
+            shepard_power: exponent on the squared distance (``MODEL.AFF.SHEPARD_POWER / 2``).
+            shepard_power_learnable: make it an ``nn.Parameter`` per encoder layer.
+        """
+        super().__init__()
+        missing = [f for f in transformer_in_features if f not in input_shape]
+        if missing:
+            raise ValueError(f"transformer_in_features {missing} are not backbone outputs {sorted(input_shape)}")
+        ordered = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in ordered]  # res2 .. res5
+        feature_channels = [v.channels for _, v in ordered]
+        enc_shapes = [(k, v) for k, v in ordered if k in transformer_in_features]
+        self.transformer_in_features = [k for k, _ in enc_shapes]  # res3 .. res5
+        self.transformer_num_feature_levels = len(enc_shapes)
+
+        # coarse to fine: input_proj.0 -> res5, .1 -> res4, .2 -> res3
+        self.input_proj = nn.ModuleList(
+            [nn.Sequential(nn.Linear(v.channels, conv_dim), nn.LayerNorm(conv_dim)) for _, v in enc_shapes[::-1]]
+        )
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+
+        self.transformer = MSDeformAttnTransformerEncoderOnlyPc(
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            shepard_power=shepard_power,
+            shepard_power_learnable=shepard_power_learnable,
+        )
+        self.pe_layer = PointPositionEmbeddingSine(conv_dim // 2)
+
+        self.mask_dim = mask_dim
+        self.mask_features = nn.Linear(conv_dim, mask_dim)
+        weight_init.c2_xavier_fill(self.mask_features)
+
+        self.maskformer_num_feature_levels = 3  # the transformer decoder always uses 3 levels
+        self.common_stride = common_stride
+        min_stride = min(v.stride for _, v in enc_shapes)
+        self.num_fpn_levels = int(math.log2(min_stride) - math.log2(common_stride))
+        if self.num_fpn_levels != 1:
+            raise ValueError(
+                f"the point-cloud pixel decoder has exactly one FPN level (res2); common_stride={common_stride} "
+                f"with encoder strides from {min_stride} gives {self.num_fpn_levels}"
+            )
+        # the FPN level: adapter_1 (Linear + LN) and layer_1 (PointConv -> LN -> ReLU)
+        self.adapter_1 = nn.Sequential(nn.Linear(feature_channels[0], conv_dim), nn.LayerNorm(conv_dim))
+        weight_init.c2_xavier_fill(self.adapter_1[0])
+        self.layer_1 = nn.Sequential(PointConv(conv_dim, conv_dim, bias=True), nn.LayerNorm(conv_dim), nn.ReLU())
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "conv_dim": head.CONVS_DIM,
+            "mask_dim": head.MASK_DIM,
+            "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
+            "transformer_nheads": cfg.MODEL.MASK_FORMER.NHEADS,
+            "transformer_dim_feedforward": 1024,  # hard-coded in the original
+            "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
+            "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
+            "common_stride": head.COMMON_STRIDE,
+            # the Shepard weights use squared distances, hence the halving
+            "shepard_power": cfg.MODEL.AFF.SHEPARD_POWER / 2.0,
+            "shepard_power_learnable": cfg.MODEL.AFF.SHEPARD_POWER_LEARNABLE,
+        }
+
+    def forward_features(self, features):
+        """See the class docstring."""
+        fine = self.in_features[0]
+        grid_hw = tuple(int(s) for s in features[fine + "_spatial_shape"])
+        b = features[fine].shape[0]
+        grid = grid_positions(grid_hw[0], grid_hw[1], b, features[fine].device)
+
+        srcs, poss, pos_embeds, nb_idx = [], [], [], []
+        for lvl, name in enumerate(self.transformer_in_features[::-1]):  # res5, res4, res3
+            pos = features[name + "_pos"].float()
+            srcs.append(self.input_proj[lvl](features[name]))
+            poss.append(pos)
+            pos_embeds.append(self.pe_layer(pos))
+            nb_idx.append(clusten.knn(grid, pos, SAMPLING_K))  # b x (h*w) x 4
+        out = self.transformer(srcs, poss, pos_embeds, nb_idx, grid_hw)
+
+        # FPN level: res3 encoder output interpolated onto the res2 tokens, plus the res2 adapter
+        pos2 = features[fine + "_pos"].float()
+        y = self.adapter_1(features[fine])
+        y = y + shepard_interpolate(pos2, poss[-1], out[-1].to(y.dtype), k=FPN_SHEPARD_K, power=FPN_SHEPARD_POWER)
+        nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K)  # b x n_2 x 9, the token itself first
+        offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
+        y = self.layer_1[0](y, nbhd_idx, offset)
+        y = self.layer_1[2](self.layer_1[1](y))
+
+        multi_scale_features = out[: self.maskformer_num_feature_levels]
+        return self.mask_features(y), pos2, out[0], multi_scale_features, poss[: self.maskformer_num_feature_levels]

@@ -1,0 +1,142 @@
+"""Point helpers shared by the backbone and the heads (one place for each).
+
+Tokens are points: a feature ``b x n x c`` plus a position ``b x n x 2`` holding (x, y) in
+units of the stride-4 grid (reference, coordinate convention).  This module holds what every
+part of the model does with positions:
+
+* ``relative_position_features``: the 5 features of a neighbour-query offset that the
+  relative-position bias and the PointConv weights are linear functions of;
+* ``PointConv``: PointConv merging (backbone adaptive downsampling, pixel-decoder layer_1);
+* ``shepard_weights`` / ``shepard_interpolate``: inverse-distance (Shepard) interpolation;
+* ``points_to_canvas``: scatter token values onto the dense stride-4 canvas.
+"""
+import torch
+from torch import nn
+
+import clusten
+
+__all__ = [
+    "relative_position_features",
+    "PointConv",
+    "shepard_weights",
+    "shepard_interpolate",
+    "points_to_canvas",
+    "gather_points",
+]
+
+SHEPARD_EPS = 1e-11
+
+
+def relative_position_features(offset):
+    """Features ``[dx, dy, dist, dy/dist, dx/dist]`` of integer offsets.
+
+    The original evaluates these on a fixed table of offsets in [-511, 511]^2 (inputs up to
+    2048 px) and clamps larger offsets; here they are computed for the offsets actually used,
+    exactly, for any size: identical to the table inside its range.
+
+    Args:
+        offset: ``... x 2`` (dx, dy), any float or integer dtype.
+    Returns:
+        ``... x 5`` float32; the (0, 0) offset gives all zeros (the original zeroes its NaNs).
+    """
+    offset = offset.float()
+    dx, dy = offset[..., 0], offset[..., 1]
+    dist = torch.sqrt(dx * dx + dy * dy)
+    safe = torch.where(dist > 0, dist, torch.ones_like(dist))
+    zero = torch.zeros_like(dist)
+    return torch.stack(
+        [dx, dy, dist, torch.where(dist > 0, dy / safe, zero), torch.where(dist > 0, dx / safe, zero)],
+        dim=-1,
+    )
+
+
+class PointConv(nn.Module):
+    """PointConv over irregular neighbourhoods (AFF's merging and its decoder's ``layer_1``).
+
+    For each output token i with neighbourhood ``nbhd_idx[b, i, :]`` (M source tokens):
+    ``W = weight_net(features(offset))`` (``b x n x M x inner_ch``), optionally multiplied by a
+    per-neighbour modulation, then ``F[b,i,ic,c] = sum_j W[b,i,j,ic] * feat[b, idx[b,i,j], c]``
+    (clusten_wf), flattened ic-major to ``b x n x (inner_ch*c)``, ``norm`` (LayerNorm) and
+    ``linear``.  Submodule names match the official checkpoints.
+    """
+
+    def __init__(self, in_dim, out_dim, inner_ch=4, bias=True):
+        super().__init__()
+        self.inner_ch = inner_ch
+        self.weight_net = nn.Sequential(nn.Linear(5, inner_ch), nn.LayerNorm(inner_ch), nn.GELU())
+        self.norm = nn.LayerNorm(inner_ch * in_dim)
+        self.linear = nn.Linear(inner_ch * in_dim, out_dim, bias=bias)
+
+    def forward(self, feat, nbhd_idx, offset, modulation=None):
+        """
+        Args:
+            feat: ``b x n_ x c`` source token features.
+            nbhd_idx: ``b x n x M`` indices into the source tokens.
+            offset: ``b x n x M x 2`` position offsets (the caller chooses the sign convention:
+                neighbour - centre in the backbone, centre - neighbour in the pixel decoder).
+            modulation: optional ``b x n x M x 1`` factor on the weights (importance x mask).
+        Returns:
+            ``b x n x out_dim``.
+        """
+        weights = self.weight_net(relative_position_features(offset).to(self.weight_net[0].weight.dtype))
+        if modulation is not None:
+            weights = weights * modulation
+        merged = clusten.clusten_wf(weights, feat, nbhd_idx)  # b x n x inner_ch x c
+        merged = merged.flatten(2)  # ic-major: index ic * c + c'
+        return self.linear(self.norm(merged))
+
+
+def shepard_weights(dist2, power, eps=SHEPARD_EPS):
+    """Normalised Shepard weights ``u_q / sum u`` with ``u_q = 1 / ((d_q^2)^power + eps)``.
+
+    Args:
+        dist2: ``... x k`` squared distances.
+        power: float or tensor broadcastable to ``dist2`` (the exponent on the *squared*
+            distance, so ``power=3`` means weights ~ d^-6).
+    Returns:
+        ``... x k`` weights summing to 1 over the last dim.
+    """
+    u = 1.0 / (dist2.pow(power) + eps)
+    return u / u.sum(dim=-1, keepdim=True)
+
+
+def shepard_interpolate(query_pos, source_pos, source_feat, k=4, power=3.0):
+    """Interpolate token features at other positions from their k nearest tokens.
+
+    Args:
+        query_pos: ``b x n x 2`` positions to interpolate at.
+        source_pos: ``b x n_ x 2`` positions of the source tokens.
+        source_feat: ``b x n_ x c``.
+        k: neighbours (at most n_); power: Shepard power on the squared distance.
+    Returns:
+        ``b x n x c``; a query that coincides with a source token copies it (weight ~1/eps).
+    """
+    k = min(k, source_pos.shape[1])
+    nn_idx = clusten.knn(query_pos, source_pos, k)  # b x n x k
+    nbr_pos = gather_points(source_pos.float(), nn_idx)
+    dist2 = (nbr_pos - query_pos.float().unsqueeze(2)).pow(2).sum(-1)
+    weights = shepard_weights(dist2, power).to(source_feat.dtype)
+    return clusten.weighted_gather(nn_idx, weights, source_feat)
+
+
+def gather_points(points, idx):
+    """``points`` b x n_ x d gathered by ``idx`` b x n x k -> b x n x k x d."""
+    b, n, k = idx.shape
+    flat = idx.reshape(b, n * k, 1).expand(-1, -1, points.shape[-1])
+    return torch.gather(points, 1, flat).reshape(b, n, k, points.shape[-1])
+
+
+def points_to_canvas(values, pos, h, w):
+    """Scatter token values onto the dense stride-4 canvas.
+
+    Args:
+        values: ``b x n x c``; pos: ``b x n x 2`` integer (x, y) positions, all inside
+            ``[0, w) x [0, h)``; for the res2 tokens (all h*w grid points) every pixel is set.
+    Returns:
+        ``b x c x h x w``; pixels without a token are 0.
+    """
+    b, n, c = values.shape
+    flat = (pos[..., 1].long() * w + pos[..., 0].long()).clamp_(0, h * w - 1)  # b x n
+    canvas = values.new_zeros(b, h * w, c)
+    canvas.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, c), values)
+    return canvas.transpose(1, 2).reshape(b, c, h, w)

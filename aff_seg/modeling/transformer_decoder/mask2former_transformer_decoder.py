@@ -1,0 +1,306 @@
+"""Mask2Former's masked-attention transformer decoder, on token point clouds (reference section 6).
+
+Differences from upstream (9b0651c), all needed to load the AFF checkpoints:
+* sources are token lists ``b x n_l x c`` with positions, not feature maps; ``input_proj`` is a
+  Linear (empty when the widths match, so the checkpoint keys are unchanged);
+* mask logits are predicted on the res2 tokens and scattered onto the dense stride-4 canvas,
+  so ``pred_masks`` (and every auxiliary output) is ``b x Q x h x w`` as upstream;
+* the attention mask of a level is the res2 mask logits Shepard-interpolated (k=4, d^-6) at
+  the level's token positions, i.e. point-sampled instead of bilinearly pooled.
+"""
+import logging
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.utils.registry import Registry
+
+from ..point_utils import points_to_canvas, shepard_interpolate
+from .position_encoding import PointPositionEmbeddingSine
+
+__all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
+
+TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
+TRANSFORMER_DECODER_REGISTRY.__doc__ = "Registry for the transformer decoder (predictor) of MaskFormer."
+
+# masked attention: res2 mask logits interpolated at a level's tokens from the 4 nearest res2
+# tokens with weights ~ d^-6 (an exact copy where a token is a res2 token, i.e. always)
+MASK_SHEPARD_K = 4
+MASK_SHEPARD_POWER = 3.0
+
+
+def build_transformer_decoder(cfg, in_channels, mask_classification=True):
+    """Build the decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
+    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Query self-attention (post-norm unless ``normalize_before``)."""
+
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt, query_pos):
+        """tgt, query_pos: ``Q x b x c``."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        q = k = x + query_pos
+        tgt = tgt + self.dropout(self.self_attn(q, k, value=x)[0])
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Masked cross-attention from the queries to one level's tokens."""
+
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt, memory, memory_mask, pos, query_pos):
+        """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        out = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory, attn_mask=memory_mask)[0]
+        tgt = tgt + self.dropout(out)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model, dim_feedforward=2048, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # upstream's version-1 checkpoints named query_feat "static_query"
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            renamed = False
+            for k in list(state_dict.keys()):
+                if k.startswith(prefix) and "static_query" in k:
+                    state_dict[k.replace("static_query", "query_feat")] = state_dict.pop(k)
+                    renamed = True
+            if renamed:
+                logging.getLogger(__name__).warning(
+                    f"{self.__class__.__name__}: renamed old 'static_query' weights to 'query_feat'"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @configurable
+    def __init__(
+        self,
+        in_channels,
+        mask_classification=True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dim_feedforward: int,
+        dec_layers: int,
+        pre_norm: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+    ):
+        """
+        Args:
+            in_channels: width of the pixel decoder's multi-scale features.
+            mask_classification: must be True (Mask2Former classifies masks).
+            num_classes: K; the classifier predicts K + 1 (the last is "no object").
+            hidden_dim, num_queries, nheads, dim_feedforward, pre_norm: transformer settings.
+            dec_layers: number of decoder layers (``MASK_FORMER.DEC_LAYERS - 1``).
+            mask_dim: width of the mask features.
+            enforce_input_project: add a Linear input projection even when
+                ``in_channels == hidden_dim``.
+        """
+        super().__init__()
+        if not mask_classification:
+            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask_classification=True")
+        self.mask_classification = mask_classification
+        self.pe_layer = PointPositionEmbeddingSine(hidden_dim // 2)
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.transformer_self_attention_layers = nn.ModuleList()
+        self.transformer_cross_attention_layers = nn.ModuleList()
+        self.transformer_ffn_layers = nn.ModuleList()
+        for _ in range(self.num_layers):
+            self.transformer_self_attention_layers.append(
+                SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm))
+            self.transformer_cross_attention_layers.append(
+                CrossAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm))
+            self.transformer_ffn_layers.append(
+                FFNLayer(hidden_dim, dim_feedforward, dropout=0.0, normalize_before=pre_norm))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positions
+
+        self.num_feature_levels = 3  # res5, res4, res3, round robin
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                self.input_proj.append(nn.Linear(in_channels, hidden_dim))
+                weight_init.c2_xavier_fill(self.input_proj[-1])
+            else:
+                self.input_proj.append(nn.Sequential())
+
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification):
+        mf = cfg.MODEL.MASK_FORMER
+        if mf.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {mf.DEC_LAYERS}")
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": mf.HIDDEN_DIM,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "nheads": mf.NHEADS,
+            "dim_feedforward": mf.DIM_FEEDFORWARD,
+            # one prediction comes from the learnable queries themselves, hence the -1
+            "dec_layers": mf.DEC_LAYERS - 1,
+            "pre_norm": mf.PRE_NORM,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+        }
+
+    def forward(self, x, pos, mask_features, mf_pos, mask=None):
+        """
+        Args:
+            x: list of 3 ``b x n_l x c`` level features (res5, res4, res3).
+            pos: list of 3 ``b x n_l x 2`` level positions.
+            mask_features: ``b x n x mask_dim`` on the res2 tokens (all h*w grid pixels).
+            mf_pos: ``b x n x 2`` res2 positions.
+            mask: unused (padding is not masked, as upstream).
+        Returns:
+            dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
+            ``aux_outputs`` (one such dict per earlier prediction).
+        """
+        del mask
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
+        canvas_hw = self._canvas_size(mf_pos)
+        src, pos_emb = [], []
+        for i in range(self.num_feature_levels):
+            pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))  # n x b x c
+            src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
+
+        b = src[0].shape[1]
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+            output, mask_features, mf_pos, pos[0], canvas_hw)
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+
+        for i in range(self.num_layers):
+            level_index = i % self.num_feature_levels
+            # a query whose mask blocks every token attends to all of them
+            attn_mask[attn_mask.all(-1)] = False
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level_index], memory_mask=attn_mask, pos=pos_emb[level_index], query_pos=query_embed)
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
+            output = self.transformer_ffn_layers[i](output)
+            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+                output, mask_features, mf_pos, pos[(i + 1) % self.num_feature_levels], canvas_hw)
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": [
+                {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ],
+        }
+
+    @staticmethod
+    def _canvas_size(mf_pos):
+        """(h, w) of the canvas the res2 tokens tile: max y + 1, max x + 1 over the batch."""
+        h = int(mf_pos[..., 1].max().item()) + 1
+        w = int(mf_pos[..., 0].max().item()) + 1
+        if h * w != mf_pos.shape[1]:
+            raise ValueError(
+                f"the mask-feature tokens must cover the stride-4 grid exactly: {mf_pos.shape[1]} tokens "
+                f"for a {h} x {w} canvas"
+            )
+        return h, w
+
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_pos, canvas_hw):
+        """
+        Args:
+            output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
+            target_pos: ``b x n_l x 2`` positions of the level the next layer attends to.
+            canvas_hw: (h, w) of the stride-4 canvas.
+        Returns:
+            class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the attention
+            mask ``b*heads x Q x n_l`` (True = blocked), detached.
+        """
+        decoder_output = self.decoder_norm(output).transpose(0, 1)  # b x Q x c
+        outputs_class = self.class_embed(decoder_output)
+        mask_embed = self.mask_embed(decoder_output)
+        token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
+        with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
+            level_masks = shepard_interpolate(target_pos.float(), mf_pos.float(), token_masks.float().transpose(1, 2),
+                                              k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER)  # b x n_l x Q
+            attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
+            attn_mask = attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+        h, w = canvas_hw
+        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
+        return outputs_class, outputs_mask, attn_mask

@@ -1,0 +1,167 @@
+"""The one place that decides between the CUDA kernels and the PyTorch twins, and builds the kernels.
+
+Backend choice (environment variable ``CLUSTEN_BACKEND``, read at every call):
+
+- ``auto`` (default): CUDA tensors use the compiled kernels; if they cannot be built, the
+  PyTorch twins run instead and one warning line says why.
+- ``torch``: always the PyTorch twins.
+- ``cuda``: CUDA tensors must use the kernels; a failed build raises.
+
+CPU tensors always use the PyTorch twins. The extension is compiled lazily, on the first call
+with a CUDA tensor (never at import), by ``torch.utils.cpp_extension.load`` with ninja, and is
+cached in ``CLUSTEN_BUILD_DIR`` (default: PyTorch's extension cache), so later processes only
+load it. ``CLUSTEN_DEBUG=1`` turns on the index-range check for the kernel path as well.
+
+Building needs the CUDA toolkit (``CUDA_HOME``, default ``/usr/local/cuda``) but no GPU: the
+cuSPARSE headers that ATen's CUDA headers include are taken from the ``nvidia`` pip package
+that the CUDA build of torch installs, and ``TORCH_CUDA_ARCH_LIST`` defaults to
+``DEFAULT_ARCH_LIST`` when no GPU is visible.
+"""
+import glob
+import logging
+import os
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "CLUSTEN_BACKEND"
+BACKENDS = ("auto", "torch", "cuda")
+DEBUG_ENV = "CLUSTEN_DEBUG"
+BUILD_DIR_ENV = "CLUSTEN_BUILD_DIR"
+DEFAULT_ARCH_LIST = "8.0;8.6;9.0"
+EXTENSION_NAME = "clusten_cuda"
+SOURCES = ("bindings.cpp", "gather_dot.cu", "gather_sum.cu", "scatter_sum.cu")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+_lock = threading.Lock()
+_extension = None
+_failure = None  # why the last build failed (str), or None
+_logged = set()
+
+
+def backend():
+    """The requested backend from ``CLUSTEN_BACKEND``: 'auto', 'torch' or 'cuda'."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def debug():
+    """True when ``CLUSTEN_DEBUG`` asks for index-range checks on the kernel path too."""
+    return os.environ.get(DEBUG_ENV, "0").strip() not in ("", "0", "false", "False")
+
+
+def _log_once(level, message):
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def kernels(device):
+    """The compiled extension to use for tensors on ``device``, or None for the PyTorch twins."""
+    if torch.device(device).type != "cuda":
+        return None
+    choice = backend()
+    if choice == "torch":
+        _log_once(logging.INFO, f"clusten: {BACKEND_ENV}=torch, CUDA tensors use the PyTorch path")
+        return None
+    try:
+        return load_extension()
+    except Exception as err:  # any build/load failure means: fall back (or raise if forced)
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        if choice == "cuda":
+            raise RuntimeError(f"clusten: {BACKEND_ENV}=cuda but the CUDA kernels are unavailable ({reason})") from err
+        _log_once(logging.WARNING, f"clusten: CUDA kernels unavailable ({reason}); using the PyTorch path")
+        return None
+
+
+def cuda_home():
+    """The CUDA toolkit folder: ``CUDA_HOME``/``CUDA_PATH`` if set, else ``/usr/local/cuda`` or nvcc's."""
+    for key in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(key):
+            return os.environ[key]
+    candidates = ["/usr/local/cuda"]
+    nvcc = _which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "bin", "nvcc")) and os.path.isdir(os.path.join(folder, "include")):
+            return folder
+    raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to a folder with bin/nvcc")
+
+
+def _which(program):
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(folder, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def nvidia_include_dirs():
+    """Header folders of the ``nvidia`` pip packages that hold ``cusparse.h`` (none if absent)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        for header in glob.glob(os.path.join(root, "*", "include", "cusparse.h")):
+            found.append(os.path.dirname(header))
+    return sorted(found)
+
+
+def load_extension(build_directory=None, verbose=False):
+    """Compile (once) and import the CUDA extension; returns the module. Raises on failure.
+
+    Args:
+        build_directory: where ninja builds and caches it (default ``CLUSTEN_BUILD_DIR`` or
+            PyTorch's extension cache).
+        verbose: print the compiler commands.
+    """
+    global _extension, _failure
+    with _lock:
+        if _extension is not None and build_directory is None:
+            return _extension
+        if _failure is not None and build_directory is None:
+            raise RuntimeError(_failure)
+        try:
+            module = _compile(build_directory, verbose)
+        except Exception as err:
+            if build_directory is None:
+                _failure = f"{type(err).__name__}: {err}"
+            raise
+        if build_directory is None:
+            _extension = module
+        return module
+
+
+def _compile(build_directory, verbose):
+    home = cuda_home()
+    os.environ.setdefault("CUDA_HOME", home)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is a CPU-only build")
+    if cpp_extension.CUDA_HOME != home:
+        # torch.utils.cpp_extension reads CUDA_HOME once at its import; it may have been
+        # imported (by another library) before CUDA_HOME was known.
+        cpp_extension.CUDA_HOME = home
+    build_directory = build_directory or os.environ.get(BUILD_DIR_ENV)
+    if build_directory:
+        os.makedirs(build_directory, exist_ok=True)
+    flags = ["-O3", "-std=c++17"]
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[os.path.join(CSRC, source) for source in SOURCES],
+        extra_include_paths=[CSRC] + nvidia_include_dirs(),
+        extra_cflags=flags,
+        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"],
+        build_directory=build_directory,
+        verbose=verbose,
+    )

@@ -1,0 +1,73 @@
+"""Exact k-nearest-neighbour search between point sets, with a fixed tie rule.
+
+Replaces the original's pykeops ``knn_keops``. Conventions (spec section 15.1): positions are
+taken as float32; squared Euclidean distances are computed exactly in float64; the neighbours
+are the first k of a stable ascending order, so exact ties go to the lower database index;
+results are nearest first; distances are ``sqrt`` of the squared distance, in float32; no
+gradient. Queries are processed in chunks so memory stays bounded for any number of queries.
+"""
+import torch
+
+from .validation import check
+
+CHUNK_PAIRS = 1 << 22  # query x database pairs per chunk (about 120 MB of temporaries)
+
+
+@torch.no_grad()
+def knn(query, database, k, return_dist=False):
+    """The k nearest database points of every query point.
+
+    Args:
+        query: ``b x n x d`` positions (d = 2 for AFF's token positions).
+        database: ``b x n_ x d`` positions, same device.
+        k: number of neighbours, ``1 <= k <= n_``.
+        return_dist: also return the distances.
+    Returns:
+        ``b x n x k`` int64 database indices, nearest first (ties: lower index first), and, if
+        ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
+    """
+    s = check("knn", [("query", query, "b n d", "float"), ("database", database, "b n_ d", "float")])
+    if not isinstance(k, int) or not 1 <= k <= s["n_"]:
+        raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
+    b, n, n_db = s["b"], s["n"], s["n_"]
+    q = query.detach().float().double()
+    db = database.detach().float().double()
+    idx = torch.empty(b, n, k, dtype=torch.int64, device=query.device)
+    dist = torch.empty(b, n, k, dtype=torch.float32, device=query.device) if return_dist else None
+    step = max(1, CHUNK_PAIRS // max(1, b * n_db))
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        sq = _squared_distances(q[:, start:end], db)
+        chunk_idx, chunk_sq = _k_smallest(sq, k)
+        idx[:, start:end] = chunk_idx
+        if return_dist:
+            dist[:, start:end] = chunk_sq.sqrt().float()
+    return (idx, dist) if return_dist else idx
+
+
+def _squared_distances(q, db):
+    """``b x n x d``, ``b x n_ x d`` (float64) -> ``b x n x n_`` squared distances, summed per axis."""
+    sq = torch.zeros(q.shape[0], q.shape[1], db.shape[1], dtype=q.dtype, device=q.device)
+    for axis in range(q.shape[-1]):
+        diff = q[..., axis, None] - db[..., None, :, axis]
+        sq.add_(diff * diff)
+    return sq
+
+
+def _k_smallest(sq, k):
+    """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``).
+
+    Selection is linear in n_: a topk gives the k-th smallest value, every strictly smaller
+    entry is taken, and the tied entries at that value are taken lowest index first.
+    """
+    kth = sq.topk(k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+    below = sq < kth
+    tied = sq == kth
+    room = k - below.sum(-1, keepdim=True)
+    take = below | (tied & (tied.cumsum(-1) <= room))
+    n_db = sq.shape[-1]
+    rank = torch.arange(n_db, 0, -1, device=sq.device)  # larger for lower index
+    chosen = torch.where(take, rank, 0).topk(k, dim=-1).indices  # exactly k taken: ascending index
+    chosen_sq = sq.gather(-1, chosen)
+    order = torch.sort(chosen_sq, dim=-1, stable=True).indices
+    return chosen.gather(-1, order), chosen_sq.gather(-1, order)

@@ -1,0 +1,86 @@
+"""Pure-PyTorch twins of the three gather primitives behind every clusten op.
+
+All five AFF neighbourhood ops (and their gradients) are compositions of three primitives
+over a *table* of rows ``y`` that each query reads through its neighbourhood index:
+
+- ``gather_dot(x, y, idx)``:  out[g,i,j,r] = sum_c x[g,i,r,c] * y[g, idx[b,i,j], c]
+- ``gather_sum(w, y, idx)``:  out[g,i,r,c] = sum_j w[g,i,j,r] * y[g, idx[b,i,j], c]
+- ``scatter_sum(w, x, idx, n_src)``:
+  out[g,t,c] = sum over (i, j) with idx[b,i,j] == t of sum_r w[g,i,j,r] * x[g,i,r,c]
+
+Shapes: ``g = b * h`` groups (batch times heads; group g uses ``idx[g // h]``), ``n`` queries,
+``m`` neighbours, ``r`` rows per query (1 for attention, ``ic`` for PointConv), ``c`` channels,
+``n_src`` table rows. ``x`` is ``g x n x r x c``, ``w`` is ``g x n x m x r``, ``y`` is
+``g x n_src x c`` and ``idx`` is ``b x n x m`` int64 with values in ``[0, n_src)``.
+
+These functions are the CPU path, the fallback on any device and the oracle the CUDA kernels
+are tested against. They work on chunks of queries so the gathered ``g x chunk x m x c`` block
+stays below ``CHUNK_ELEMENTS`` elements, accumulate half-precision inputs in float32, and return
+the input dtype. ``scatter_sum`` uses ``index_add_``, which PyTorch makes deterministic under
+``torch.use_deterministic_algorithms(True)`` on CPU and CUDA.
+"""
+import torch
+
+CHUNK_ELEMENTS = 1 << 24  # gathered elements per chunk (64 MiB in float32)
+
+
+def accumulate_dtype(dtype):
+    """float32 for float16/bfloat16 (fp32 accumulation), the dtype itself otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _query_chunks(n, elements_per_query):
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_query))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _table_rows(idx, groups, n_src):
+    """Row numbers into ``y.reshape(g * n_src, c)``: ``b x n x m`` -> ``g x n x m`` int64."""
+    b, n, m = idx.shape
+    heads = groups // b
+    offset = torch.arange(groups, device=idx.device, dtype=torch.int64).view(groups, 1, 1) * n_src
+    return idx.unsqueeze(1).expand(b, heads, n, m).reshape(groups, n, m) + offset
+
+
+def _gather(y, rows):
+    """``y``: ``g x n_src x c``, rows ``g x n x m`` -> ``g x n x m x c``."""
+    c = y.shape[-1]
+    return y.reshape(-1, c).index_select(0, rows.reshape(-1)).view(*rows.shape, c)
+
+
+def gather_dot(x, y, idx):
+    """``x`` g x n x r x c, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x m x r."""
+    g, n, r, c = x.shape
+    m = idx.shape[-1]
+    acc = accumulate_dtype(x.dtype)
+    out = x.new_empty(g, n, m, r)
+    for s, e in _query_chunks(n, g * m * c):
+        rows = _table_rows(idx[:, s:e], g, y.shape[1])
+        out[:, s:e] = torch.einsum("girc,gimc->gimr", x[:, s:e].to(acc), _gather(y, rows).to(acc))
+    return out
+
+
+def gather_sum(w, y, idx):
+    """``w`` g x n x m x r, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x r x c."""
+    g, n, m, r = w.shape
+    c = y.shape[-1]
+    acc = accumulate_dtype(w.dtype)
+    out = w.new_empty(g, n, r, c)
+    for s, e in _query_chunks(n, g * m * c):
+        rows = _table_rows(idx[:, s:e], g, y.shape[1])
+        out[:, s:e] = torch.einsum("gimr,gimc->girc", w[:, s:e].to(acc), _gather(y, rows).to(acc))
+    return out
+
+
+def scatter_sum(w, x, idx, n_src):
+    """``w`` g x n x m x r, ``x`` g x n x r x c, ``idx`` b x n x m -> g x n_src x c."""
+    g, n, m, _ = w.shape
+    c = x.shape[-1]
+    acc = accumulate_dtype(w.dtype)
+    out = torch.zeros(g * n_src, c, dtype=acc, device=w.device)
+    for s, e in _query_chunks(n, g * m * c):
+        rows = _table_rows(idx[:, s:e], g, n_src)
+        contrib = torch.einsum("gimr,girc->gimc", w[:, s:e].to(acc), x[:, s:e].to(acc))
+        out.index_add_(0, rows.reshape(-1), contrib.reshape(-1, c))
+    return out.view(g, n_src, c).to(w.dtype)

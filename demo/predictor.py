@@ -1,0 +1,247 @@
+"""Run a model on images or video frames and draw its predictions (used by ``demo.py``).
+
+``VisualizationDemo`` wraps detectron2's ``DefaultPredictor`` and ``Visualizer``: panoptic
+segmentation is drawn when the model returns it, otherwise the semantic argmax and/or the
+instances whose score passes the confidence threshold.  It can also report, for every
+backbone stage, which tokens adaptive downsampling kept (``kept_tokens``), mapped back onto
+the pixels of the input image; ``draw_kept_tokens`` draws them (the paper's "remaining
+tokens" figure).
+"""
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.engine.defaults import DefaultPredictor
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+__all__ = ["StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens"]
+
+# side of one token's cell on the padded input: positions are in stride-4 grid units
+TOKEN_CELL = 4
+
+
+@dataclass
+class StageTokens:
+    """The tokens one backbone stage kept, in the original image's pixels.
+
+    Attributes:
+        name: the backbone output, e.g. ``"res3"``.
+        num_tokens: how many tokens the stage has (padding tokens included).
+        centers: ``t x 2`` float array, (x, y) pixel centre of each token that lies inside
+            the image (tokens on the padding are left out, so t <= num_tokens).
+        cell: side of one token's stride-4 cell, in original-image pixels (x, y).
+    """
+
+    name: str
+    num_tokens: int
+    centers: np.ndarray
+    cell: tuple
+
+
+def check_weights(path):
+    """Raise ``FileNotFoundError`` naming ``path`` when it is a local weights file that is
+    missing.  An empty path (random initialisation) and URLs (``https://``,
+    ``detectron2://`` ...) are left to detectron2's checkpointer."""
+    if path and "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.WEIGHTS: weights file not found: {path}")
+
+
+def _metadata(cfg):
+    """The metadata of the first test dataset, or class names "0".."K-1" when it has none
+    (the Visualizer needs ``stuff_classes`` to draw a semantic map)."""
+    if len(cfg.DATASETS.TEST):
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        if "stuff_classes" in metadata.as_dict():
+            return metadata
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    return Metadata(name="aff_seg_demo", stuff_classes=[str(i) for i in range(num_classes)])
+
+
+def _without_zero_boxes(instances):
+    """Mask2Former's instances carry all-zero boxes; drop them so labels sit on the masks."""
+    if instances.has("pred_boxes") and not instances.pred_boxes.tensor.any():
+        instances.remove("pred_boxes")
+    return instances
+
+
+class VisualizationDemo:
+    """Predict with a detectron2 model and draw the result.
+
+    Args:
+        cfg: a frozen detectron2 config (``MODEL.WEIGHTS`` empty means random init).
+        confidence_threshold: instances scoring at or below it are not drawn.
+        instance_mode: detectron2 ``ColorMode`` of the drawings.
+    """
+
+    def __init__(self, cfg, confidence_threshold=0.0, instance_mode=ColorMode.IMAGE):
+        check_weights(cfg.MODEL.WEIGHTS)
+        self.metadata = _metadata(cfg)
+        self.confidence_threshold = confidence_threshold
+        self.instance_mode = instance_mode
+        self.cpu_device = torch.device("cpu")
+        self.predictor = DefaultPredictor(cfg)
+        self._backbone_outputs = None
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def predict(self, image, with_tokens=False):
+        """Run the model on one image.
+
+        Args:
+            image: ``H x W x 3`` uint8 array in BGR order.
+            with_tokens: also return the tokens every backbone stage kept.
+
+        Returns:
+            (predictions, tokens): the model's output dict for the image, and a list of
+            ``StageTokens`` (res2 first), or None when ``with_tokens`` is False.
+        """
+        if not with_tokens:
+            return self.predictor(image), None
+        hook = self.predictor.model.backbone.register_forward_hook(self._keep_backbone_outputs)
+        try:
+            predictions = self.predictor(image)
+        finally:
+            hook.remove()
+        outputs, self._backbone_outputs = self._backbone_outputs, None
+        return predictions, self.kept_tokens(outputs, image.shape[:2])
+
+    def _keep_backbone_outputs(self, module, inputs, outputs):
+        self._backbone_outputs = outputs
+
+    def kept_tokens(self, backbone_outputs, image_size):
+        """Map the backbone's token positions onto the original image.
+
+        Args:
+            backbone_outputs: the backbone's dict for a batch of one; ``<stage>_pos`` is
+                ``1 x n x 2``, (x, y) in stride-4 grid units of the padded, resized input.
+            image_size: (H, W) of the original image.
+
+        Returns:
+            list of ``StageTokens``, one per stage that has positions, in stage order.
+        """
+        height, width = image_size
+        # the predictor resizes the shortest edge; padding is on the right/bottom only, so
+        # the padded input's pixel (x, y) is the resized image's pixel (x, y)
+        resize = self.predictor.aug.get_transform(np.zeros((height, width, 1), np.uint8))
+        resized_h, resized_w = getattr(resize, "new_h", height), getattr(resize, "new_w", width)
+        scale = np.array([width / resized_w, height / resized_h])
+        stages = sorted(k[: -len("_pos")] for k in backbone_outputs if k.endswith("_pos"))
+        tokens = []
+        for name in stages:
+            pos = backbone_outputs[f"{name}_pos"][0].detach().float().cpu().numpy()
+            centers = pos * TOKEN_CELL + TOKEN_CELL / 2  # resized-input pixels
+            inside = (centers[:, 0] < resized_w) & (centers[:, 1] < resized_h)
+            tokens.append(
+                StageTokens(
+                    name=name,
+                    num_tokens=len(pos),
+                    centers=centers[inside] * scale,
+                    cell=tuple(TOKEN_CELL * scale),
+                )
+            )
+        return tokens
+
+    # -- drawing --------------------------------------------------------------------------
+
+    def _confident(self, instances):
+        return _without_zero_boxes(instances[instances.scores > self.confidence_threshold])
+
+    def draw(self, predictions, canvas):
+        """Draw ``predictions`` on ``canvas`` (``H x W x 3`` RGB uint8); returns a VisImage."""
+        visualizer = Visualizer(canvas, self.metadata, instance_mode=self.instance_mode)
+        if "panoptic_seg" in predictions:
+            panoptic_seg, segments_info = predictions["panoptic_seg"]
+            return visualizer.draw_panoptic_seg(panoptic_seg.to(self.cpu_device), segments_info)
+        vis_output = None
+        if "sem_seg" in predictions:
+            labels = predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
+            vis_output = visualizer.draw_sem_seg(labels)
+        if "instances" in predictions:
+            instances = self._confident(predictions["instances"].to(self.cpu_device))
+            vis_output = visualizer.draw_instance_predictions(predictions=instances)
+        if vis_output is None:
+            raise ValueError(
+                "the model returned none of panoptic_seg, sem_seg, instances: "
+                f"got keys {sorted(predictions)}"
+            )
+        return vis_output
+
+    def run_on_image(self, image, canvas=None, with_tokens=False):
+        """Predict on ``image`` and draw the result.
+
+        Args:
+            image: ``H x W x 3`` uint8 BGR image the model sees.
+            canvas: ``H x W x 3`` uint8 BGR image to draw on (``--blur``: a privacy-blurred
+                copy of ``image``); defaults to ``image``.
+            with_tokens: also return the kept tokens of every backbone stage.
+
+        Returns:
+            (predictions, vis_output, tokens); ``tokens`` as in ``predict``.
+        """
+        if canvas is None:
+            canvas = image
+        elif canvas.shape != image.shape:
+            raise ValueError(
+                f"the image to draw on has shape {canvas.shape}, the input has {image.shape}"
+            )
+        predictions, tokens = self.predict(image, with_tokens)
+        return predictions, self.draw(predictions, canvas[:, :, ::-1]), tokens
+
+    def run_on_video(self, video):
+        """Yield every frame of ``video`` (an opened ``cv2.VideoCapture``), annotated, BGR."""
+        video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
+        while video.isOpened():
+            ok, frame = video.read()
+            if not ok:
+                break
+            predictions = self.predictor(frame)
+            rgb = frame[:, :, ::-1]
+            if "panoptic_seg" in predictions:
+                panoptic_seg, segments_info = predictions["panoptic_seg"]
+                vis_frame = video_visualizer.draw_panoptic_seg_predictions(
+                    rgb, panoptic_seg.to(self.cpu_device), segments_info
+                )
+            elif "instances" in predictions and "sem_seg" not in predictions:
+                instances = self._confident(predictions["instances"].to(self.cpu_device))
+                vis_frame = video_visualizer.draw_instance_predictions(rgb, instances)
+            else:
+                vis_frame = self.draw(predictions, rgb)
+            yield cv2.cvtColor(vis_frame.get_image(), cv2.COLOR_RGB2BGR)
+
+
+def draw_kept_tokens(image, stage_tokens, dim=0.35):
+    """Draw one stage's kept tokens over ``image``.
+
+    The image is dimmed; the stride-4 cell of each kept token is shown at full brightness
+    with a dot at its centre, so the dense regions where adaptive downsampling kept many
+    tokens stand out.
+
+    Args:
+        image: ``H x W x 3`` uint8 BGR image.
+        stage_tokens: a ``StageTokens``.
+        dim: brightness of the parts of the image no token covers.
+
+    Returns:
+        ``H x W x 3`` uint8 BGR image.
+    """
+    height, width = image.shape[:2]
+    cell_w, cell_h = stage_tokens.cell
+    centers = stage_tokens.centers
+    kept = np.zeros((height, width), bool)
+    x0 = np.clip(np.floor(centers[:, 0] - cell_w / 2), 0, width).astype(int)
+    y0 = np.clip(np.floor(centers[:, 1] - cell_h / 2), 0, height).astype(int)
+    x1 = np.clip(np.ceil(centers[:, 0] + cell_w / 2), 0, width).astype(int)
+    y1 = np.clip(np.ceil(centers[:, 1] + cell_h / 2), 0, height).astype(int)
+    for a, b, c, d in zip(y0, y1, x0, x1):
+        kept[a:b, c:d] = True
+    out = np.where(kept[..., None], image, (image * dim).astype(np.uint8))
+    radius = max(1, int(round(min(cell_w, cell_h) / 4)))
+    for x, y in centers.astype(int):
+        cv2.circle(out, (int(x), int(y)), radius, (0, 255, 255), -1)
+    return out

@@ -1,0 +1,78 @@
+"""Each detectron2 v0.6 compatibility fix: the failure it prevents, and that it prevents it.
+
+Every case runs in a fresh interpreter that loads ``aff_seg/compat.py`` by path (so that
+importing ``aff_seg`` does not apply all fixes first), applies every fix *except* the one under
+test, checks that detectron2 fails the way the fix is for, then applies the fix and checks
+that the same call works.
+"""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+COMPAT = Path(__file__).resolve().parents[2] / "aff_seg" / "compat.py"
+
+PRELUDE = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("compat_under_test", {str(COMPAT)!r})
+compat = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compat)
+"""
+
+CASES = {
+    # fix name -> (code that needs the fix, error expected without it)
+    "_fix_pillow": ("import detectron2.data.transforms", "LINEAR"),
+    "_fix_numpy": (
+        "from detectron2.data.build import print_instances_class_histogram\n"
+        "print_instances_class_histogram([{'annotations': [{'category_id': 0}]}], ['a'])",
+        "has no attribute 'int'",
+    ),
+    "_fix_detectron2_c": ("import detectron2.layers", "cannot import name '_C'"),
+}
+
+
+def _run(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("fix", sorted(CASES))
+def test_fix_is_needed_and_works(fix):
+    needs_fix, expected_error = CASES[fix]
+    others = "\n".join(f"compat.{name}()" for name in CASES if name != fix)
+    without = _run(PRELUDE + others + "\n" + needs_fix)
+    assert without.returncode != 0, f"{fix}: detectron2 worked without it; is the fix still needed?"
+    assert expected_error in without.stderr, without.stderr[-2000:]
+
+    with_fix = _run(PRELUDE + others + f"\ncompat.{fix}()\n" + needs_fix + "\nprint('OK')")
+    assert with_fix.returncode == 0, with_fix.stderr[-2000:]
+    assert with_fix.stdout.strip().endswith("OK")
+
+
+def test_missing_extension_fails_clearly_when_called():
+    code = PRELUDE + textwrap.dedent(
+        """
+        compat.apply()
+        import detectron2._C as C
+        try:
+            C.nms_rotated(None, None, 0.5)
+        except RuntimeError as e:
+            print(str(e))
+        """
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert "detectron2._C.nms_rotated is unavailable" in out.stdout
+    assert "use_fast_impl=False" in out.stdout
+
+
+def test_importing_aff_seg_applies_every_fix_before_detectron2():
+    code = (
+        "import aff_seg, numpy as np, PIL.Image\n"
+        "import detectron2.layers, detectron2.data.transforms, detectron2.model_zoo\n"
+        "assert np.int is int and PIL.Image.LINEAR == PIL.Image.BILINEAR\n"
+        "print('OK')"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -1,0 +1,139 @@
+"""demo/demo.py on synthetic images and a synthetic video with a tiny random model."""
+import json
+import logging
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+@pytest.fixture
+def demo_log(caplog):
+    """The demo's log records (its logger does not propagate to the root logger)."""
+    logger = logging.getLogger("aff_seg.demo")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+DS_RATE = 0.25  # the ADE mini config's MODEL.AFF.DS_RATE
+
+
+def _write_image(path, height, width, seed):
+    image = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), image)
+    return image
+
+
+def _expected_token_counts(height, width, min_size=64, max_size=128, divisibility=32):
+    """Tokens per stage (spec 1.6) for an image the predictor resizes to ``min_size`` on its
+    shortest edge and the model pads to a multiple of ``divisibility``."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    pad_h, pad_w = (math.ceil(s / divisibility) * divisibility for s in (new_h, new_w))
+    counts = [(pad_h // 4) * (pad_w // 4)]
+    for _ in STAGES[1:]:
+        counts.append(int(counts[-1] * DS_RATE))
+    # tokens whose stride-4 cell centre lies inside the resized image
+    inside = math.ceil((new_h - 2) / 4) * math.ceil((new_w - 2) / 4)
+    return counts, inside
+
+
+def test_images_glob_tokens_and_bad_file(demo, tiny_config, tmp_path, demo_log):
+    config, opts = tiny_config
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sizes = {"a.png": (60, 90), "b.jpg": (70, 50)}
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        _write_image(inputs / name, h, w, seed=i)
+    (inputs / "broken.png").write_bytes(b"")  # empty
+    out = tmp_path / "out"
+    rc = demo.main(["--config-file", config, "--input", str(inputs / "*"), "--output", str(out),
+                    "--show-tokens", "--opts", *opts])
+    assert rc == 1  # one input skipped
+    assert "cannot read image " + str(inputs / "broken.png") in demo_log.text
+    assert not (out / "broken.png").exists()
+    for name, (h, w) in sizes.items():
+        stem, ext = os.path.splitext(name)
+        assert cv2.imread(str(out / name)).shape[:2] == (h, w)
+        counts = json.loads((out / f"{stem}_tokens.json").read_text())
+        expected, inside = _expected_token_counts(h, w)
+        assert [counts[s]["num_tokens"] for s in STAGES] == expected
+        assert counts["res2"]["num_in_image"] == inside  # every grid token in the image
+        assert all(counts[s]["num_in_image"] <= counts[s]["num_tokens"] for s in STAGES)
+        for stage in STAGES:
+            drawn = cv2.imread(str(out / f"{stem}_tokens_{stage}{ext}"))
+            assert drawn is not None and drawn.shape[:2] == (h, w)
+
+
+def test_draw_kept_tokens_brightens_only_kept_cells():
+    from predictor import StageTokens, draw_kept_tokens
+
+    image = np.full((16, 16, 3), 200, np.uint8)
+    stage = StageTokens("res3", num_tokens=2, centers=np.array([[2.0, 2.0]]), cell=(4.0, 4.0))
+    out = draw_kept_tokens(image, stage, dim=0.5)
+    assert (out[8:, 8:] == 100).all()  # no token: dimmed
+    assert (out[0:4, 0:4] != 100).all()  # the kept token's cell: bright (or the dot)
+
+
+def test_blur_draws_on_the_same_named_image(demo, tiny_config, tmp_path):
+    config, opts = tiny_config
+    image = _write_image(tmp_path / "a.png", 64, 64, seed=0)
+    blur = tmp_path / "blur"
+    blur.mkdir()
+    cv2.imwrite(str(blur / "a.png"), np.zeros_like(image))
+    _write_image(tmp_path / "c.png", 64, 64, seed=1)  # no blurred copy: skipped
+    out = tmp_path / "out"
+    rc = demo.main(["--config-file", config, "--input", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+                    "--output", str(out), "--blur", str(blur), "--opts", *opts])
+    assert rc == 1
+    assert not (out / "c.png").exists()
+    drawn = cv2.imread(str(out / "a.png")).astype(int)
+    # drawn over the flat black copy: the random image's pixel-to-pixel noise (which the
+    # semantic overlay would only dim to 20 %) is absent outside the label and edges
+    noise = np.median(np.abs(np.diff(image.astype(int), axis=1)))
+    assert np.median(np.abs(np.diff(drawn, axis=1))) < 0.05 * noise
+
+
+def test_video(demo, tiny_config, tmp_path):
+    config, opts = tiny_config
+    video_path = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert demo.main(["--config-file", config, "--video-input", video_path, "--output", str(out),
+                      "--opts", *opts]) == 0
+    result = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = []
+    while True:
+        ok, frame = result.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--video-input", "{tmp}/missing.mp4", "--opts", "MODEL.WEIGHTS", ""],
+         "cannot open video {tmp}/missing.mp4"),
+        (["--input", "{tmp}/x.png", "--opts", "MODEL.WEIGHTS", "{tmp}/nope.pkl"], "{tmp}/nope.pkl"),
+    ],
+)
+def test_errors_name_the_path(demo, tiny_config, tmp_path, demo_log, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert demo.main(["--config-file", tiny_config[0], *args]) == 2
+    assert message.format(tmp=tmp_path) in demo_log.text
+
+
+def test_unreadable_image_is_named(demo, tmp_path):
+    path = tmp_path / "text.png"
+    path.write_text("not an image")
+    with pytest.raises(demo.InputError, match="text.png"):
+        demo.load_image(str(path))

@@ -1,0 +1,102 @@
+"""Every config under configs/ loads with yaml.safe_load, merges, and builds its model."""
+import glob
+import os
+
+import pytest
+import yaml
+
+import aff_seg  # noqa: F401
+from aff_seg import add_maskformer2_config
+from aff_seg.data.dataset_mappers import TRAIN_MAPPERS
+
+from .conftest import CONFIGS
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+# the files a run is started from (not the Base-* files, which only hold shared settings)
+RUNNABLE = [f for f in CONFIG_FILES if not os.path.basename(f).startswith("Base-")]
+
+
+def _ids(files):
+    return [os.path.relpath(f, CONFIGS) for f in files]
+
+
+def merged(path):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def test_the_published_models_are_all_there():
+    names = set(_ids(CONFIG_FILES))
+    for size in ("mini", "mini_1_5th", "tiny", "tiny_1_5th", "small", "small_1_5th"):
+        assert f"ade20k/semantic-segmentation/aff/maskformer2_aff_{size}_bs32_80k.yaml" in names
+        assert f"coco/instance-segmentation/aff/maskformer2_aff_{size}_bs64_50ep.yaml" in names
+    for task in ("instance", "panoptic", "semantic"):
+        for size in ("mini", "tiny", "small"):
+            assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_{size}_bs32_45k.yaml" in names
+        assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml" in names
+    assert "coco/panoptic-segmentation/aff/maskformer2_aff_mini_bs64_50ep.yaml" in names
+    for r50 in ("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml",
+                "cityscapes/instance-segmentation/maskformer2_R50_bs16_90k.yaml",
+                "coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"):
+        assert r50 in names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=_ids(CONFIG_FILES))
+def test_config_is_safe_yaml_and_merges(path):
+    with open(path) as f:
+        assert isinstance(yaml.safe_load(f), dict)
+    cfg = merged(path)
+    assert cfg.INPUT.DATASET_MAPPER_NAME in TRAIN_MAPPERS
+    assert all(isinstance(s, int) for s in cfg.INPUT.MIN_SIZE_TRAIN)
+    if "aff" in os.path.basename(path) or "synthetic" in path:
+        assert cfg.MODEL.BACKBONE.NAME == "AutoFocusFormer"
+        assert all(d % h == 0 for d, h in zip(cfg.MODEL.AFF.EMBED_DIM, cfg.MODEL.AFF.NUM_HEADS))
+
+
+def test_values_follow_the_original():
+    """Spot checks against reference section 8.2."""
+    ade = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/aff/maskformer2_aff_mini_1_5th_bs32_80k.yaml"))
+    assert (ade.SOLVER.IMS_PER_BATCH, ade.SOLVER.BASE_LR, ade.SOLVER.MAX_ITER) == (32, 2e-4, 80000)
+    assert ade.MODEL.AFF.DS_RATE == 0.2 and ade.MODEL.AFF.NUM_HEADS == [2, 4, 8, 16]
+    assert ade.INPUT.MIN_SIZE_TRAIN == tuple(int(x * 0.1 * 512) for x in range(5, 21))
+    assert ade.INPUT.SIZE_DIVISIBILITY == 512 and ade.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
+    assert ade.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and ade.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.01
+    assert not ade.SOLVER.AMP.ENABLED and ade.SEED == 0
+
+    city = merged(os.path.join(CONFIGS, "cityscapes/panoptic-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml"))
+    assert city.MODEL.AFF.ALPHA == 8.0 and city.MODEL.AFF.CLUSTER_SIZE == 24
+    assert city.MODEL.AFF.NBHD_SIZE == [144] * 4 and city.MODEL.AFF.LAYER_SCALE == 1e-5
+    assert city.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 250 and city.TEST.DETECTIONS_PER_IMAGE == 250
+    assert city.INPUT.CROP.SIZE == [512, 1024]
+
+    coco = merged(os.path.join(CONFIGS, "coco/instance-segmentation/aff/maskformer2_aff_small_bs64_50ep.yaml"))
+    assert coco.MODEL.AFF.SHEPARD_POWER == 4.0 and not coco.MODEL.AFF.SHEPARD_POWER_LEARNABLE
+    assert tuple(coco.SOLVER.STEPS) == (81945, 88773) and coco.SOLVER.MAX_ITER == 92188
+    assert coco.SOLVER.WARMUP_ITERS == 3 and coco.TEST.EVAL_PERIOD == 2500
+    assert coco.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
+
+    r50 = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"))
+    assert r50.MODEL.BACKBONE.NAME == "D2ResNetTokens" and r50.MODEL.RESNETS.DEPTH == 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RUNNABLE, ids=_ids(RUNNABLE))
+def test_config_builds_its_model(path):
+    import torch
+    from detectron2.modeling import build_model
+
+    from aff_seg import training  # noqa: F401  (registers the R50 token backbone)
+
+    cfg = merged(path)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    assert type(model).__name__ == "MaskFormer"
+    assert type(model.backbone).__name__ == cfg.MODEL.BACKBONE.NAME
+    predictor = model.sem_seg_head.predictor
+    assert predictor.query_feat.weight.shape[0] == cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
+    assert predictor.class_embed.out_features == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Inference and training speed of a model: the harness every speed figure of aff_seg is
+quoted from.
+
+Examples::
+
+    python tools/benchmark.py --config-file CFG --input-size 512 512 --json speed.json
+    python tools/benchmark.py --config-file CFG --dataset-images --tasks inference
+    python tools/benchmark.py --config-file CFG --tasks train --batch-size 2 SOLVER.AMP.ENABLED True
+
+Inference: images/s, per-batch latency percentiles (p50, p90, p99) and peak memory, under
+``torch.no_grad`` in eval mode.  Training: the time of one iteration (forward, backward,
+AdamW step), images/s and peak memory.  Each is timed after ``--warmup`` untimed
+iterations, with CUDA events on a GPU and ``time.perf_counter`` on the CPU.  Inputs are
+random images of ``--input-size`` (default ``INPUT.CROP.SIZE``) with a few random masks as
+training targets, or, with ``--dataset-images``, the first test/train images of the config's
+datasets (loaded before the clock starts, so data loading is not timed).
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the peak
+resident size of the whole process so far (``ru_maxrss``), an upper bound.
+"""
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from analyze_model import build_loaded_model, fixed_size_inputs, setup_cfg  # noqa: E402
+from aff_seg.data.dataset_mappers import build_train_mapper  # noqa: E402
+from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.structures import BitMasks, Instances  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+logger = logging.getLogger("aff_seg.benchmark")
+
+PERCENTILES = (50, 90, 99)
+NUM_TARGET_MASKS = 3
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(step, batches, warmup, iters, device):
+    """Run ``step(batch)`` ``warmup`` times untimed, then ``iters`` times timed.
+
+    Args:
+        step: callable taking one batch.
+        batches: an iterator of batches (cycled by the caller if needed).
+        device: where the model runs: CUDA events there, ``perf_counter`` on the CPU.
+
+    Returns:
+        (seconds, peak_memory_mib): the duration of each timed iteration, and the peak
+        memory during the timed iterations (see the module docstring).
+    """
+    for _ in range(warmup):
+        step(next(batches))
+    _synchronize(device)
+    seconds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(iters):
+            batch = next(batches)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(batch)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        for _ in range(iters):
+            batch = next(batches)
+            start = time.perf_counter()
+            step(batch)
+            seconds.append(time.perf_counter() - start)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    return seconds, peak
+
+
+def summarize(seconds, images_per_iter, peak_memory_mib):
+    """Throughput and latency statistics of the timed iterations."""
+    ms = np.array(seconds) * 1e3
+    return {
+        "iterations": len(seconds),
+        "images_per_iter": images_per_iter,
+        "images_per_s": images_per_iter * len(seconds) / float(np.sum(seconds)),
+        "latency_ms": {
+            "mean": float(ms.mean()),
+            **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES},
+        },
+        "peak_memory_mib": float(peak_memory_mib),
+    }
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+
+def _random_targets(height, width, num_classes, generator):
+    """``NUM_TARGET_MASKS`` random rectangles with random classes, as a mapper's Instances."""
+    masks = torch.zeros(NUM_TARGET_MASKS, height, width, dtype=torch.bool)
+    for mask in masks:
+        y0, x0 = (torch.randint(0, s // 2, (1,), generator=generator).item() for s in (height, width))
+        y1, x1 = y0 + height // 2, x0 + width // 2
+        mask[y0:y1, x0:x1] = True
+    instances = Instances((height, width))
+    instances.gt_classes = torch.randint(0, num_classes, (NUM_TARGET_MASKS,), generator=generator)
+    instances.gt_masks = BitMasks(masks)
+    return instances
+
+
+def fixed_size_batches(cfg, height, width, batch_size, with_targets):
+    """An endless iterator of batches of random ``3 x height x width`` images."""
+    generator = torch.Generator().manual_seed(0)
+    batch = fixed_size_inputs(height, width, batch_size)
+    if with_targets:
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        for item in batch:
+            item["instances"] = _random_targets(height, width, num_classes, generator)
+    return itertools.repeat(batch)
+
+
+def dataset_batches(cfg, count, batch_size, train):
+    """``count`` batches from the config's first test set (or its train set), loaded into
+    memory now and then cycled endlessly."""
+    if train:
+        loader = build_detection_train_loader(
+            cfg, mapper=build_train_mapper(cfg), total_batch_size=batch_size, num_workers=0
+        )
+        batches = list(itertools.islice(loader, count))
+    else:
+        if not len(cfg.DATASETS.TEST):
+            raise ValueError("DATASETS.TEST is empty: benchmark at a fixed --input-size instead")
+        loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+        images = list(itertools.islice(loader, count * batch_size))
+        batches = [
+            [item for group in images[i : i + batch_size] for item in group]
+            for i in range(0, len(images), batch_size)
+        ]
+    if not batches:
+        raise ValueError("the dataset gave no image")
+    return itertools.cycle(batches)
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+def benchmark_inference(model, batches, warmup, iters, batch_size):
+    model.eval()
+
+    def step(batch):
+        with torch.no_grad():
+            model(batch)
+
+    seconds, peak = time_iterations(step, batches, warmup, iters, model.device)
+    return summarize(seconds, batch_size, peak)
+
+
+def benchmark_training(model, cfg, batches, warmup, iters, batch_size):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    amp_dtype = getattr(torch, cfg.SOLVER.AMP.PRECISION)
+
+    def step(batch):
+        with torch.autocast(model.device.type, dtype=amp_dtype, enabled=cfg.SOLVER.AMP.ENABLED):
+            losses = model(batch)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds, peak = time_iterations(step, batches, warmup, iters, model.device)
+    return summarize(seconds, batch_size, peak)
+
+
+def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=3, iters=20):
+    """Benchmark the model of ``cfg``.
+
+    Args:
+        tasks: any of ``"inference"``, ``"train"``.
+        input_size: (H, W) of the random images; None: ``INPUT.CROP.SIZE``.
+        dataset_images: use the config's dataset images instead of random ones.
+
+    Returns:
+        dict with the environment and one ``summarize`` result per task.
+    """
+    if warmup < 0 or iters < 1 or batch_size < 1:
+        raise ValueError(
+            f"need warmup >= 0, iters >= 1, batch_size >= 1; got {warmup}, {iters}, {batch_size}"
+        )
+    height, width = input_size or tuple(cfg.INPUT.CROP.SIZE)
+    torch.manual_seed(0)
+    model = build_loaded_model(cfg)
+    device = model.device
+    result = {
+        "config": {"weights": cfg.MODEL.WEIGHTS, "amp": cfg.SOLVER.AMP.ENABLED},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "inputs": "dataset" if dataset_images else f"random {height}x{width}",
+        "batch_size": batch_size,
+        "warmup": warmup,
+    }
+    for task in tasks:
+        train = task == "train"
+        if dataset_images:
+            batches = dataset_batches(cfg, warmup + iters, batch_size, train)
+        else:
+            batches = fixed_size_batches(cfg, height, width, batch_size, with_targets=train)
+        if train:
+            result[task] = benchmark_training(model, cfg, batches, warmup, iters, batch_size)
+        else:
+            result[task] = benchmark_inference(model, batches, warmup, iters, batch_size)
+    return result
+
+
+def table(result, tasks):
+    rows = []
+    for task in tasks:
+        r = result[task]
+        lat = r["latency_ms"]
+        rows.append(
+            [task, f"{r['images_per_s']:.2f}", f"{lat['mean']:.1f}"]
+            + [f"{lat[f'p{p}']:.1f}" for p in PERCENTILES]
+            + [f"{r['peak_memory_mib']:.0f}"]
+        )
+    headers = ["task", "img/s", "mean ms"] + [f"p{p} ms" for p in PERCENTILES] + ["peak MiB"]
+    return tabulate(rows, headers=headers, tablefmt="pipe")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=("inference", "train"), default=["inference", "train"]
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--input-size", nargs=2, type=int, metavar=("H", "W"), help="default INPUT.CROP.SIZE"
+    )
+    size.add_argument(
+        "--dataset-images", action="store_true", help="use the config's dataset images"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per iteration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="aff_seg")
+    cfg = setup_cfg(args.config_file, args.opts)
+    result = run(
+        cfg,
+        args.tasks,
+        input_size=args.input_size,
+        dataset_images=args.dataset_images,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        iters=args.iters,
+    )
+    result["config"]["file"] = args.config_file
+    print(table(result, args.tasks))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

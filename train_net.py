@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Train or evaluate an AFF (or R50-token) Mask2Former model with detectron2.
+
+    python train_net.py --config-file configs/ade20k/semantic-segmentation/aff/maskformer2_aff_mini_bs32_80k.yaml \
+        --num-gpus 8 [KEY VALUE ...]
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+    python train_net.py --config-file CFG --resume            # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # two CPU processes (gloo)
+
+``--num-gpus`` is the number of processes per machine; with ``--dist-backend auto`` (default)
+they use NCCL when the model runs on CUDA and gloo otherwise. A single process (GPU or CPU)
+creates no process group and waits on no barrier.
+"""
+import aff_seg  # noqa: F401  (compat fixes and registrations first)
+
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from aff_seg import add_maskformer2_config
+from aff_seg.training import Trainer, launch, resolve_dist_backend
+
+
+def build_cfg(args):
+    """The frozen config of ``--config-file`` plus the trailing ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = build_cfg(args)
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aff_seg")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=("auto", "nccl", "gloo"),
+        help="process-group backend when --num-gpus x --num-machines > 1; "
+        "auto: nccl for a CUDA model, gloo for MODEL.DEVICE cpu (or without CUDA)",
+    )
+    return parser
+
+
+def cli(argv=None):
+    args = argument_parser().parse_args(argv)
+    logging.getLogger(__name__).info(f"Command line arguments: {args}")
+    backend = resolve_dist_backend(args.dist_backend, build_cfg(args).MODEL.DEVICE)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend=backend,
+    )
+
+
+if __name__ == "__main__":
+    cli()
