@@ -12,7 +12,7 @@ Public ops (argument order of the original autograd functions):
 CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
 ``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
 """
-from .knn import knn
+from .knn_search import knn
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
 __all__ = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn"]

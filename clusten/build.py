@@ -155,7 +155,7 @@ def _compile(build_directory, verbose):
     build_directory = build_directory or os.environ.get(BUILD_DIR_ENV)
     if build_directory:
         os.makedirs(build_directory, exist_ok=True)
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]
     return cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[os.path.join(CSRC, source) for source in SOURCES],

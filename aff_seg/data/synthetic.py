@@ -3,11 +3,11 @@
 ``make_synthetic_datasets(root)`` writes, under a ``DETECTRON2_DATASETS`` folder, the files that
 detectron2's built-in registrations (and this project's, ``aff_seg.data.datasets``) read, so the
 standard names (``ade20k_sem_seg_train``, ``coco_2017_val``, ``coco_2017_train_panoptic``,
-``coco_2017_val_panoptic_with_sem_seg``, ``cityscapes_fine_panoptic_train`` ...) load them through
-``DatasetCatalog`` and the real configs run unchanged::
+``coco_2017_val_panoptic_with_sem_seg``, ``cityscapes_fine_panoptic_train`` ...) load them
+through ``DatasetCatalog`` and the real configs run unchanged::
 
     ADEChallengeData2016/images/{training,validation}/ADE_*.jpg
-    ADEChallengeData2016/annotations_detectron2/{training,validation}/ADE_*.png   uint8, 255 = ignore
+    ADEChallengeData2016/annotations_detectron2/{training,validation}/ADE_*.png  uint8, 255 = ignore
     coco/{train2017,val2017}/*.jpg
     coco/annotations/instances_{train,val}2017.json        polygons, COCO's 80 thing ids
     coco/annotations/panoptic_{train,val}2017.json + coco/panoptic_{train,val}2017/*.png

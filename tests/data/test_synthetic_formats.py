@@ -12,7 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES, COCO_CATEGORIES
 from detectron2.structures import BoxMode
 
-from aff_seg.data.synthetic import CATEGORIES, KINDS, VOID, synthetic_sample
+from aff_seg.data.synthetic import CATEGORIES, KINDS, synthetic_sample
 
 COCO_INDEX = {c["name"]: i for i, c in enumerate(COCO_CATEGORIES)}
 
@@ -184,7 +184,8 @@ def test_cityscapes_label_images_follow_the_polygons(synthetic_args, synthetic_r
 
     label_id_of_kind = np.array([name2label[CATEGORIES[k.name][2]].id for k in KINDS]
                                 + [name2label["static"].id])
-    for split, count in (("train", synthetic_args["num_train"]), ("val", synthetic_args["num_val"])):
+    for split in ("train", "val"):
+        count = synthetic_args["num_" + split]
         polygons = _cityscapes_gt_files(synthetic_root, split, "polygons.json")
         assert len(polygons) == count
         for path in polygons:

@@ -41,6 +41,7 @@ def _expected_token_counts(height, width, min_size=64, max_size=128, divisibilit
     return counts, inside
 
 
+@pytest.mark.slow
 def test_images_glob_tokens_and_bad_file(demo, tiny_config, tmp_path, demo_log):
     config, opts = tiny_config
     inputs = tmp_path / "in"

@@ -8,8 +8,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BitMasks
 
-from .utils import large_scale_jitter_augmentations
+from .utils import annotation_segments, large_scale_jitter_augmentations, segments_to_instances
 
 __all__ = ["COCOInstanceNewBaselineDatasetMapper"]
 
@@ -19,7 +20,7 @@ class COCOInstanceNewBaselineDatasetMapper:
     instance that survives the crop.
 
     Output dict: ``image`` (3 x S x S uint8, S = INPUT.IMAGE_SIZE) and ``instances``
-    (gt_classes, gt_boxes tight around the cropped masks, gt_masks S x S).
+    (gt_classes, gt_masks S x S, gt_boxes tight around the cropped masks).
     """
 
     @configurable
@@ -47,6 +48,7 @@ class COCOInstanceNewBaselineDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        original_shape = image.shape[:2]
         image, transforms = T.apply_transform_gens(self.tfm_gens, image)
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -54,18 +56,10 @@ class COCOInstanceNewBaselineDatasetMapper:
         if not self.is_train or annotations is None:
             return dataset_dict
 
-        annos = [
-            utils.transform_instance_annotations(obj, transforms, image_shape)
-            for obj in annotations
-            if obj.get("iscrowd", 0) == 0
-        ]
-        instances = utils.annotations_to_instances(annos, image_shape, mask_format="bitmask")
-        if not instances.has("gt_masks"):
-            instances.gt_masks = torch.zeros((0, *image_shape), dtype=torch.bool)
-        else:
-            # the crop cuts boxes: make them tight around what is left of each mask
-            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
-            instances = utils.filter_empty_instances(instances)
-            instances.gt_masks = instances.gt_masks.tensor
+        classes, masks = annotation_segments(annotations, transforms, original_shape)
+        # drop the instances the crop removed; boxes are tight around what is left
+        kept = [i for i, m in enumerate(masks) if m.any()]
+        instances = segments_to_instances([classes[i] for i in kept], [masks[i] for i in kept], image_shape)
+        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
         dataset_dict["instances"] = instances
         return dataset_dict

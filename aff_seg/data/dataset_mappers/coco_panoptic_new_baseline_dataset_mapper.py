@@ -8,7 +8,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes, BitMasks
+from detectron2.structures import BitMasks
 from panopticapi.utils import rgb2id
 
 from .utils import large_scale_jitter_augmentations, panoptic_segments, segments_to_instances
@@ -62,9 +62,6 @@ class COCOPanopticNewBaselineDatasetMapper:
         pan_seg = rgb2id(transforms.apply_segmentation(pan_seg))
         classes, masks = panoptic_segments(pan_seg, dataset_dict["segments_info"])
         instances = segments_to_instances(classes, masks, image_shape)
-        if len(masks):
-            instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
-        else:
-            instances.gt_boxes = Boxes(torch.zeros((0, 4)))
+        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
         dataset_dict["instances"] = instances
         return dataset_dict

@@ -8,7 +8,13 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .utils import IMAGE_PAD_VALUE, crop_and_colour_augmentations, pad_to_multiple, segments_to_instances
+from .utils import (
+    IMAGE_PAD_VALUE,
+    annotation_segments,
+    crop_and_colour_augmentations,
+    pad_to_multiple,
+    segments_to_instances,
+)
 
 __all__ = ["MaskFormerInstanceDatasetMapper"]
 
@@ -53,23 +59,14 @@ class MaskFormerInstanceDatasetMapper:
             raise ValueError(f"{dataset_dict['file_name']}: no 'annotations' to train on")
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        original_shape = image.shape[:2]
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
-        image = aug_input.image
-        annos = [
-            utils.transform_instance_annotations(obj, transforms, image.shape[:2])
-            for obj in dataset_dict.pop("annotations")
-            if obj.get("iscrowd", 0) == 0
-        ]
-        # bitmask format rasterises polygons and decodes RLE alike
-        instances = utils.annotations_to_instances(annos, image.shape[:2], mask_format="bitmask")
-        masks = instances.gt_masks.tensor if len(annos) else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)
+        classes, masks = annotation_segments(dataset_dict.pop("annotations"), transforms, original_shape)
 
-        image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         image = pad_to_multiple(image, self.size_divisibility, IMAGE_PAD_VALUE)
-        masks = pad_to_multiple(masks, self.size_divisibility, 0)
+        masks = [pad_to_multiple(torch.from_numpy(m), self.size_divisibility, False) for m in masks]
         dataset_dict["image"] = image
-        dataset_dict["instances"] = segments_to_instances(
-            instances.gt_classes.numpy(), list(masks), tuple(image.shape[-2:])
-        )
+        dataset_dict["instances"] = segments_to_instances(classes, masks, tuple(image.shape[-2:]))
         return dataset_dict

@@ -5,11 +5,12 @@ Every mapper turns one detectron2 dataset dict into ``{"image": 3 x H x W uint8 
 where the k segments come from (a label map, annotations or a panoptic PNG).
 """
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
 __all__ = [
     "IMAGE_PAD_VALUE",
@@ -18,6 +19,7 @@ __all__ = [
     "pad_to_multiple",
     "segments_to_instances",
     "panoptic_segments",
+    "annotation_segments",
 ]
 
 # grey, as upstream: the value an image is padded with before normalisation
@@ -115,4 +117,42 @@ def panoptic_segments(pan_seg_ids, segments_info):
             continue
         classes.append(segment["category_id"])
         masks.append(pan_seg_ids == segment["id"])
+    return classes, masks
+
+
+def _rasterise(segmentation, height, width):
+    if isinstance(segmentation, list):  # polygons
+        return polygons_to_bitmask(segmentation, height, width)
+    if isinstance(segmentation, dict):  # RLE, compressed or not
+        if isinstance(segmentation["counts"], list):
+            segmentation = mask_util.frPyObjects(segmentation, height, width)
+        return mask_util.decode(segmentation).astype(bool)
+    if isinstance(segmentation, np.ndarray) and segmentation.ndim == 2:
+        return segmentation.astype(bool)
+    raise ValueError(
+        f"segmentation must be polygons, COCO RLE or an h x w array, got {type(segmentation).__name__}"
+    )
+
+
+def annotation_segments(annotations, transforms, original_shape):
+    """(classes, masks) of the non-crowd instance annotations after ``transforms``.
+
+    Each segmentation (polygons, RLE or a binary array) is rasterised at the original image
+    size and the mask is transformed like a label map, so cropping needs no polygon clipping
+    (fvcore's polygon crop requires shapely).
+
+    Args:
+        annotations: detectron2 annotation dicts with "segmentation" and "category_id".
+        transforms: the ``TransformList`` applied to the image.
+        original_shape: (h, w) of the image before ``transforms``.
+    Returns:
+        (list of class ids, list of boolean masks of the transformed image size).
+    """
+    classes, masks = [], []
+    for obj in annotations:
+        if obj.get("iscrowd", 0):
+            continue
+        mask = _rasterise(obj["segmentation"], *original_shape).astype(np.uint8)
+        classes.append(int(obj["category_id"]))
+        masks.append(transforms.apply_segmentation(mask).astype(bool))
     return classes, masks

@@ -109,21 +109,28 @@ class MSDeformAttnPc(nn.Module):
         """Candidate tokens and Shepard weights of sampling locations on one level.
 
         Args:
-            loc: ``b x s x 2`` float32 sampling locations (stride-4 grid units).
+            loc: ``b x s x 2`` sampling locations (stride-4 grid units), float32 or float64.
             level_pos: ``b x n_l x 2`` positions of the level's tokens.
-            level_nb_idx: ``b x (h*w) x 4`` the level's 4 tokens nearest to each grid pixel.
+            level_nb_idx: ``b x (h*w) x k`` the level's k tokens nearest to each grid pixel
+                (k = 4, or all of them when the level has fewer).
             grid_hw: (h, w) of the stride-4 grid; power: Shepard power on squared distances.
         Returns:
             idx ``b x s x 4`` (int64, into the level's tokens; no gradient) and weights
-            ``b x s x 4`` float32 from the unrounded locations (gradient to loc and power).
+            ``b x s x 4`` (loc's dtype) from the unrounded locations (gradient to loc and power);
+            with k < 4 the missing candidates get weight 0.
         """
         h, w = grid_hw
         with torch.no_grad():
             cell = loc.round().long()
             pixel = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)  # b x s
             idx = level_nb_idx.gather(1, pixel.unsqueeze(-1).expand(-1, -1, level_nb_idx.shape[-1]))
-        dist2 = (loc.unsqueeze(2) - gather_points(level_pos.float(), idx)).pow(2).sum(-1)
-        return idx, shepard_weights(dist2, power)
+        dist2 = (loc.unsqueeze(2) - gather_points(level_pos.to(loc.dtype), idx)).pow(2).sum(-1)
+        weights = shepard_weights(dist2, power)
+        missing = SAMPLING_K - idx.shape[-1]
+        if missing > 0:  # a level with fewer than 4 tokens: pad with zero-weight repeats
+            idx = torch.cat([idx, idx[..., :1].expand(-1, -1, missing)], dim=-1)
+            weights = F.pad(weights, (0, missing))
+        return idx, weights
 
     def forward(self, queries, poss, values, nb_idx, grid_hw):
         """
@@ -147,14 +154,15 @@ class MSDeformAttnPc(nn.Module):
         value = self.value_proj(torch.cat(values, dim=1))  # b x n x c
         value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh)
 
-        device_type = query.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            query = query.float()
-            offsets = F.linear(query, self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float())
+        # geometry and aggregation in float32 at least (float64 stays float64)
+        geo = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            query = query.to(geo)
+            offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
             offsets = offsets.view(b, n, nh, nl, nk, 2)
-            logits = F.linear(query, self.attention_weights.weight.float(), self.attention_weights.bias.float())
+            logits = F.linear(query, self.attention_weights.weight.to(geo), self.attention_weights.bias.to(geo))
             attn = logits.view(b, n, nh, nl * nk).softmax(-1).view(b, n, nh, nl, nk)
-            pos = torch.cat(poss, dim=1).float()  # b x n x 2
+            pos = torch.cat(poss, dim=1).to(geo)  # b x n x 2
             loc = pos[:, :, None, None, None, :] + offsets  # b x n x heads x levels x points x 2
             level_idx, level_weights = [], []
             start = 0
@@ -169,7 +177,7 @@ class MSDeformAttnPc(nn.Module):
             nn_idx = torch.stack(level_idx, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
             nn_weight = torch.stack(level_weights, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
             attn = attn.permute(0, 2, 1, 4, 3).reshape(b * nh, n, nk * nl)
-            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value.float())  # b*heads x n x c'
+            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value.to(geo))  # b*heads x n x c'
         out = out.view(b, nh, n, c // nh).transpose(1, 2).reshape(b, n, c)
         out = self.output_proj(out)
         return list(out.split(counts, dim=1))
@@ -359,7 +367,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             srcs.append(self.input_proj[lvl](features[name]))
             poss.append(pos)
             pos_embeds.append(self.pe_layer(pos))
-            nb_idx.append(clusten.knn(grid, pos, SAMPLING_K))  # b x (h*w) x 4
+            nb_idx.append(clusten.knn(grid, pos, min(SAMPLING_K, pos.shape[1])))  # b x (h*w) x 4
         out = self.transformer(srcs, poss, pos_embeds, nb_idx, grid_hw)
 
         # FPN level: res3 encoder output interpolated onto the res2 tokens, plus the res2 adapter

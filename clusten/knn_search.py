@@ -65,9 +65,7 @@ def _k_smallest(sq, k):
     tied = sq == kth
     room = k - below.sum(-1, keepdim=True)
     take = below | (tied & (tied.cumsum(-1) <= room))
-    n_db = sq.shape[-1]
-    rank = torch.arange(n_db, 0, -1, device=sq.device)  # larger for lower index
-    chosen = torch.where(take, rank, 0).topk(k, dim=-1).indices  # exactly k taken: ascending index
+    chosen = take.nonzero()[:, -1].view(*sq.shape[:-1], k)  # exactly k per row, ascending index
     chosen_sq = sq.gather(-1, chosen)
     order = torch.sort(chosen_sq, dim=-1, stable=True).indices
     return chosen.gather(-1, order), chosen_sq.gather(-1, order)

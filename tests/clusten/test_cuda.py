@@ -1,0 +1,121 @@
+"""CUDA kernels against the PyTorch twins (skipped without a CUDA device).
+
+Tolerances (kernel vs twin; both accumulate in float32, so they differ by summation order and
+by one rounding of the output): float32 rtol/atol 1e-5, float16 1e-2, bfloat16 3e-2 (relative
+to the tensors' scale, see ``_close``).
+"""
+import pytest
+import torch
+
+import clusten
+from clusten import build
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+B, H, N, N_SRC, M, C, IC, K = 2, 2, 300, 257, 16, 32, 4, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    return build.load_extension()
+
+
+def _inputs(op, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def f(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype).requires_grad_()
+
+    def i(*shape):
+        return torch.randint(0, N_SRC, shape, generator=g, device="cuda")
+
+    return {
+        "clusten_qk": lambda: (f(B, H, N, C), f(B, H, N_SRC, C), i(B, N, M)),
+        "clusten_av": lambda: (f(B, H, N, M), f(B, H, N_SRC, C), i(B, N, M)),
+        "clusten_wf": lambda: (f(B, N, M, IC), f(B, N_SRC, C), i(B, N, M)),
+        "weighted_gather": lambda: (i(B, N, K), f(B, N, K), f(B, N_SRC, C)),
+        "msdetrpc": lambda: (i(B, N, M, K), f(B, N, M, K), f(B, N, M), f(B, N_SRC, C)),
+    }[op]()
+
+
+OPS = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc"]
+
+
+def _run(op, args, backend, monkeypatch):
+    """Forward output and gradients of every floating input, on the given backend."""
+    monkeypatch.setenv(build.BACKEND_ENV, backend)
+    args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    out = getattr(clusten, op)(*args)
+    grad_out = torch.randn_like(out, dtype=torch.float32, generator=torch.Generator(device="cuda").manual_seed(1))
+    grads = torch.autograd.grad(out, [a for a in args if a.is_floating_point()], grad_out.to(out.dtype))
+    return [out, *grads]
+
+
+def _close(actual, expected, tol):
+    scale = expected.float().abs().max().clamp_min(1)
+    torch.testing.assert_close(actual.float() / scale, expected.float() / scale, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_matches_twin(op, dtype, monkeypatch):
+    args = _inputs(op, dtype)
+    kernel = _run(op, args, "cuda", monkeypatch)
+    twin = _run(op, args, "torch", monkeypatch)
+    for a, b in zip(kernel, twin):
+        assert a.dtype == dtype
+        _close(a, b, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_gradcheck_float64(op, monkeypatch):
+    monkeypatch.setenv(build.BACKEND_ENV, "cuda")
+    small = [a[:1].detach().requires_grad_(a.requires_grad) for a in _inputs(op, torch.float64)]  # batch 1
+    assert torch.autograd.gradcheck(getattr(clusten, op), small, nondet_tol=1e-12)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic_mode_repeats_bitwise(op, monkeypatch):
+    args = _inputs(op, torch.float32)
+    atomic = _run(op, args, "cuda", monkeypatch)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run(op, args, "cuda", monkeypatch)
+        second = _run(op, args, "cuda", monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b, c in zip(first, second, atomic):
+        assert torch.equal(a, b)
+        _close(a, c, 1e-5)
+
+
+def test_int32_indices_and_beyond_original_grid_limit(monkeypatch):
+    # The original's weighted_gather could not launch past ~262,140 tokens at 256 channels.
+    monkeypatch.setenv(build.BACKEND_ENV, "cuda")
+    n, n_src, c = 300_000, 75_000, 256
+    feat = torch.randn(1, n_src, c, device="cuda")
+    idx = torch.randint(0, n_src, (1, n, 4), device="cuda", dtype=torch.int32)
+    weights = torch.rand(1, n, 4, device="cuda")
+    out = clusten.weighted_gather(idx, weights, feat)
+    expected = (weights[0, :, :, None] * feat[0][idx[0].long()]).sum(1)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_debug_mode_checks_index_range(monkeypatch):
+    monkeypatch.setenv(build.BACKEND_ENV, "cuda")
+    monkeypatch.setenv(build.DEBUG_ENV, "1")
+    q, k, idx = _inputs("clusten_qk", torch.float32)
+    idx[0, 0, 0] = N_SRC
+    with pytest.raises(IndexError, match="nbhd_idx"):
+        clusten.clusten_qk(q, k, idx)
+
+
+def test_knn_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randint(0, 64, (2, 5000, 2), generator=g).float()
+    database = torch.randint(0, 64, (2, 700, 2), generator=g).float()
+    cpu_idx, cpu_dist = clusten.knn(query, database, 9, return_dist=True)
+    gpu_idx, gpu_dist = clusten.knn(query.cuda(), database.cuda(), 9, return_dist=True)
+    assert torch.equal(gpu_idx.cpu(), cpu_idx) and torch.equal(gpu_dist.cpu(), cpu_dist)

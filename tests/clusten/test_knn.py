@@ -1,0 +1,73 @@
+"""clusten.knn against brute force, including exact ties (lower database index first)."""
+import pytest
+import torch
+
+import clusten
+from clusten import knn_search
+
+
+def brute_force(query, database, k):
+    """Stable full sort of float64 squared distances, one query at a time."""
+    b, n, _ = query.shape
+    idx = torch.empty(b, n, k, dtype=torch.int64)
+    dist = torch.empty(b, n, k, dtype=torch.float32)
+    for bi in range(b):
+        for i in range(n):
+            sq = ((database[bi].double() - query[bi, i].double()) ** 2).sum(-1)
+            order = torch.sort(sq, stable=True).indices[:k]
+            idx[bi, i] = order
+            dist[bi, i] = sq[order].sqrt().float()
+    return idx, dist
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_random_points_match_brute_force(k):
+    g = torch.Generator().manual_seed(0)
+    query, database = torch.rand(2, 30, 2, generator=g) * 50, torch.rand(2, 20, 2, generator=g) * 50
+    idx, dist = clusten.knn(query, database, k, return_dist=True)
+    ref_idx, ref_dist = brute_force(query, database, k)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist)
+
+
+def test_grid_ties_go_to_lower_index():
+    # Integer grid positions: most distances tie; the database is shuffled so index order
+    # differs from position order.
+    g = torch.Generator().manual_seed(1)
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    grid = torch.stack([xs, ys], -1).reshape(1, 36, 2)
+    database = grid[:, torch.randperm(36, generator=g)]
+    query = torch.cat([grid, grid + 0.5], 1)
+    for k in (2, 4, 5, 9):
+        idx = clusten.knn(query, database, k)
+        assert torch.equal(idx, brute_force(query, database, k)[0])
+
+
+def test_duplicate_database_points():
+    database = torch.tensor([[[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]])
+    query = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]])
+    idx = clusten.knn(query, database, 3)
+    assert idx.tolist() == [[[1, 3, 0], [0, 2, 4], [0, 1, 2]]]
+
+
+def test_chunking_gives_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    query, database = torch.randint(0, 8, (2, 40, 2), generator=g).float(), torch.randint(0, 8, (2, 25, 2), generator=g).float()
+    whole = clusten.knn(query, database, 6, return_dist=True)
+    monkeypatch.setattr(knn_search, "CHUNK_PAIRS", 60)  # one query per chunk
+    chunked = clusten.knn(query, database, 6, return_dist=True)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+def test_no_gradient_and_half_positions():
+    query = (torch.rand(1, 10, 2) * 10).requires_grad_()
+    database = torch.rand(1, 12, 2) * 10
+    idx, dist = clusten.knn(query.half(), database.half(), 3, return_dist=True)
+    assert not dist.requires_grad
+    assert torch.equal(idx, brute_force(query.detach().half().float(), database.half().float(), 3)[0])
+
+
+def test_bad_k_is_named():
+    with pytest.raises(ValueError, match="k must be"):
+        clusten.knn(torch.rand(1, 4, 2), torch.rand(1, 3, 2), 4)

@@ -1,0 +1,94 @@
+"""tools/analyze_model.py: FLOP counts of the clusten ops and KNN searches, checked by hand."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import clusten
+
+
+class NeighbourhoodOps(nn.Module):
+    """Calls every clusten op and one KNN search once, on shapes derived from the input."""
+
+    B, H, N, C, M, IC, K, NM = 1, 2, 12, 4, 3, 2, 2, 5  # NM: deformable sampling points
+
+    def forward(self, x):
+        b, h, n, c, m = self.B, self.H, self.N, self.C, self.M
+        feat = x[:, : h * n * c].reshape(b, h, n, c)
+        pos = x[:, : n * 2].reshape(b, n, 2)
+        idx = clusten.knn(pos, pos, m)  # b x n x m
+        attn = clusten.clusten_qk(feat, feat, idx)
+        out = clusten.clusten_av(attn, feat, idx)
+        tokens = out.reshape(b, n, h * c)
+        wf = clusten.clusten_wf(attn[:, :1].reshape(b, n, m, 1).expand(b, n, m, self.IC), tokens, idx)
+        wg = clusten.weighted_gather(idx[..., : self.K], attn[:, 0, :, : self.K], tokens)
+        nn_idx = idx[..., : self.K].unsqueeze(2).expand(b, n, self.NM, self.K)
+        md = clusten.msdetrpc(nn_idx, nn_idx.float(), attn[:, 0, :, :1].expand(b, n, self.NM), tokens)
+        return wf.sum() + wg.sum() + md.sum()
+
+    def hand_count(self):
+        """Multiply-adds: qk, av (b h n m c), wf (b n m ic C), wg (b n k C), msdetrpc
+        (b n NM K C) and the KNN's distances (b n n d), with C = h c."""
+        b, h, n, c, m = self.B, self.H, self.N, self.C, self.M
+        return {
+            "gather_dot": b * h * n * m * c,
+            "gather_sum": b * h * n * m * c + b * n * m * self.IC * h * c
+            + b * n * self.K * h * c + b * n * self.NM * self.K * h * c,
+            "knn": b * n * n * 2,
+        }
+
+
+def test_custom_ops_match_the_hand_count(analyze_model):
+    model = NeighbourhoodOps()
+    x = torch.randn(1, 200)
+    counted = analyze_model.flop_analysis(model, (x,))
+    assert dict(counted.by_operator()) == model.hand_count()
+    excluded = analyze_model.flop_analysis(model, (x,), count_custom_ops=False)
+    assert excluded.total() == 0
+    assert clusten.knn is analyze_model._plain_knn  # the KNN patch is undone
+
+
+def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config):
+    """Attention logits (qk) and KNN searches of the tiny AFF backbone on a 64 x 64 input,
+    counted from the spec's stage rules (sections 1.4, 1.6, 4)."""
+    from detectron2.modeling import build_backbone
+
+    cfg = analyze_model.setup_cfg(*tiny_config)
+    backbone = build_backbone(cfg).eval()
+    aff = cfg.MODEL.AFF
+    m = aff.CLUSTER_SIZE
+    n = (64 // 4) ** 2
+    qk = knn = 0
+    for stage, (dim, nbhd) in enumerate(zip(aff.EMBED_DIM, aff.NBHD_SIZE)):
+        if nbhd < n:  # local attention over M neighbours, found by KNN to cluster means
+            k = math.ceil(n / m)
+            nnc = min(round(nbhd / m), k)
+            qk += aff.DEPTHS[stage] * n * m * nnc * dim
+            knn += n * k * 2 if k < n else n * n * 2
+        if stage < 3 and stage > 0:  # merging at stride >= 4: 2-NN among the tokens
+            knn += n * n * 2
+        n = int(n * aff.DS_RATE)
+    with torch.no_grad():
+        counted = analyze_model.flop_analysis(backbone, (torch.zeros(1, 3, 64, 64),))
+    ops = counted.by_operator()
+    assert (ops["gather_dot"], ops["knn"]) == (qk, knn)
+
+
+@pytest.mark.slow
+def test_tiny_model_cli(analyze_model, tiny_config, tmp_path):
+    config, opts = tiny_config
+    results = {}
+    for flag in ([], ["--exclude-custom-ops"]):
+        path = tmp_path / f"r{len(flag)}.json"
+        analyze_model.main(["--config-file", config, "--tasks", "flop", "parameter",
+                            "--use-fixed-input-size", "--json", str(path), *flag, *opts])
+        results[bool(flag)] = json.loads(path.read_text())
+    counted, excluded = results[False], results[True]
+    custom = sum(counted["gflops_by_operator"][k] for k in ("gather_dot", "gather_sum", "knn"))
+    assert counted["gflops"] > excluded["gflops"]
+    assert counted["gflops"] - excluded["gflops"] == pytest.approx(custom)
+    assert not {"gather_dot", "gather_sum", "knn"} & set(excluded["gflops_by_operator"])
+    model = analyze_model.build_loaded_model(analyze_model.setup_cfg(config, opts))
+    assert counted["parameters"] == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,28 @@
+"""tools/benchmark.py on the CPU with the tiny model."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_tiny_config_on_cpu_writes_valid_json(benchmark, tiny_config, tmp_path, capsys):
+    config, opts = tiny_config
+    path = tmp_path / "speed.json"
+    benchmark.main(["--config-file", config, "--input-size", "64", "64", "--warmup", "1",
+                    "--iters", "2", "--json", str(path), *opts])
+    result = json.loads(path.read_text())
+    assert result["inputs"] == "random 64x64"
+    for task in ("inference", "train"):
+        r = result[task]
+        assert r["iterations"] == 2 and r["images_per_s"] > 0 and r["peak_memory_mib"] > 0
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert "| inference |" in capsys.readouterr().out
+
+
+def test_summarize():
+    from benchmark import summarize
+
+    r = summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5)
+    assert r["images_per_s"] == 4 / 0.4
+    assert r["latency_ms"]["p50"] == 200
