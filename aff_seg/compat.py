@@ -10,6 +10,9 @@ inside site-packages; each fix is a no-op where the library already behaves.
 3. The pb1-detectron2 sdist has no C++ sources, so ``detectron2._C`` does not exist and the
    modules that import it at import time fail.  A stub module takes its place; calling any
    of its functions raises an error that says which pure-Python path to use instead.
+4. ``detectron2/export/__init__.py`` imports caffe2, which torch 2 no longer ships, so
+   ``detectron2.utils.analysis`` (FLOP counting) cannot import.  The package is registered
+   without running that ``__init__``, exposing its caffe2-free ``TracingAdapter``.
 """
 import importlib.util
 import sys
@@ -62,8 +65,25 @@ def _fix_detectron2_c():
         sys.modules["detectron2._C"] = _MissingExtension("detectron2._C")
 
 
+def _fix_detectron2_export():
+    if "detectron2.export" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("detectron2.export")
+    except ModuleNotFoundError:
+        return
+    if spec is None or importlib.util.find_spec("caffe2") is not None:
+        return
+    package = importlib.util.module_from_spec(spec)  # its __init__ is not executed
+    sys.modules["detectron2.export"] = package
+    from detectron2.export.flatten import TracingAdapter
+
+    package.TracingAdapter = TracingAdapter
+
+
 def apply():
-    """Apply every fix (idempotent)."""
+    """Apply every fix (idempotent).  The export fix imports detectron2 modules: it goes last."""
     _fix_pillow()
     _fix_numpy()
     _fix_detectron2_c()
+    _fix_detectron2_export()

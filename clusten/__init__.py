@@ -16,3 +16,5 @@ from .knn_search import knn
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
 __all__ = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn"]
+from .fused import cluster_attention, grid_knn  # noqa: E402  (fused attention and grid KNN, clusten/fused)
+__all__ += ["cluster_attention", "grid_knn"]

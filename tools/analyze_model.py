@@ -42,23 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten  # noqa: E402
-
-
-def _import_detectron2_export_without_caffe2():
-    """detectron2 v0.6's ``detectron2/export/__init__.py`` imports caffe2, which torch 2
-    no longer ships, so ``detectron2.utils.analysis`` cannot import.  Register the package
-    without running that ``__init__`` and expose the caffe2-free ``TracingAdapter``.
-    (A compatibility fix: it belongs in ``aff_seg/compat.py``.)"""
-    if "detectron2.export" in sys.modules or importlib.util.find_spec("caffe2") is not None:
-        return
-    package = importlib.util.module_from_spec(importlib.util.find_spec("detectron2.export"))
-    sys.modules["detectron2.export"] = package
-    from detectron2.export.flatten import TracingAdapter
-
-    package.TracingAdapter = TracingAdapter
-
-
-_import_detectron2_export_without_caffe2()
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402

@@ -12,7 +12,8 @@ Two implementations of the same custom op (``torch.ops.clusten.cluster_attention
 - Triton (:mod:`clusten.fused.attention_triton`): one pass per tile of queries with an online
   softmax in float32; the forward writes only the output and the per-query logsumexp, the
   backward recomputes the probabilities from the logsumexp and scatters the key/value
-  gradients with float32 atomics (summation order, hence the last bits, is not deterministic).
+  gradients with float32 atomics (summation order, hence the last bits, is not deterministic;
+  under ``torch.use_deterministic_algorithms(True)`` the backward runs the twin's formulas).
   Used for float32/float16/bfloat16 CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` (Triton's interpreter; this is how CI tests the kernels).
 - The PyTorch twin (this module), built on the gather primitives of :mod:`clusten.reference`:
@@ -189,7 +190,7 @@ def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, nb
                  mask: Optional[Tensor], blank_k: Tensor, blank_v: Tensor, out: Tensor,
                  lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (query, key, value, bias, blank_k, blank_v), each in its input's dtype."""
-    if use_triton(query):
+    if use_triton(query) and not torch.are_deterministic_algorithms_enabled():
         return _kernels().backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
     grads = _twin_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
     inputs = (query, key, value, bias, blank_k, blank_v)

@@ -22,10 +22,10 @@ from .attention import MASK_LOGIT, new_output
 
 _MASK_LOGIT = tl.constexpr(MASK_LOGIT)
 
-BLOCK_Q = 16
-BLOCK_M_FORWARD = 16
-BLOCK_M_BACKWARD = 8
-NUM_WARPS = 4
+# Launch configurations. Chosen without a GPU, as the largest tiles that ptxas (sm_90, bf16,
+# c' = 32) compiles without register spills; to be re-tuned on a GPU (clusten.fused.benchmark --sweep).
+FORWARD_CONFIG = dict(BLOCK_Q=8, BLOCK_M=16, num_warps=4)
+BACKWARD_CONFIG = dict(BLOCK_Q=8, BLOCK_M=8, num_warps=4)
 
 
 @triton.jit
@@ -179,13 +179,13 @@ def forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
     out = new_output(query)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=query.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, nbhd_idx)
-    grid = (triton.cdiv(n, BLOCK_Q), b * h)
+    grid = (triton.cdiv(n, FORWARD_CONFIG["BLOCK_Q"]), b * h)
     _forward_kernel[grid](
         query, key, value, nbhd_idx, bias, mask_t, blank_k, blank_v, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *nbhd_idx.stride(), *bias.stride(), *mask_strides,
         *blank_k.stride(), *blank_v.stride(), *out.stride(),
         h, n, m, c,
-        HAS_MASK=has_mask, BLOCK_Q=BLOCK_Q, BLOCK_M=BLOCK_M_FORWARD, BLOCK_C=_block_c(c), num_warps=NUM_WARPS,
+        HAS_MASK=has_mask, BLOCK_C=_block_c(c), **FORWARD_CONFIG,
     )
     return out, lse
 
@@ -194,7 +194,7 @@ def backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v
     """Gradients (query, key, value, bias, blank_k, blank_v), each contiguous in its input's dtype."""
     b, h, n, c = query.shape
     n_src, m = key.shape[2], nbhd_idx.shape[-1]
-    tiles = triton.cdiv(n, BLOCK_Q)
+    tiles = triton.cdiv(n, BACKWARD_CONFIG["BLOCK_Q"])
     f32 = dict(dtype=torch.float32, device=query.device)
     d_query = torch.empty(b, h, n, c, dtype=query.dtype, device=query.device)
     d_key = torch.zeros(b, h, n_src, c, **f32)
@@ -209,7 +209,7 @@ def backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v
         *query.stride(), *key.stride(), *value.stride(), *nbhd_idx.stride(), *bias.stride(), *mask_strides,
         *blank_k.stride(), *blank_v.stride(), *out.stride(), *grad_out.stride(),
         h, n, n_src, m, c,
-        HAS_MASK=has_mask, BLOCK_Q=BLOCK_Q, BLOCK_M=BLOCK_M_BACKWARD, BLOCK_C=_block_c(c), num_warps=NUM_WARPS,
+        HAS_MASK=has_mask, BLOCK_C=_block_c(c), **BACKWARD_CONFIG,
     )
     return (d_query, d_key.to(key.dtype), d_value.to(value.dtype), d_bias,
             d_blank_k.sum((0, 2)).to(blank_k.dtype), d_blank_v.sum((0, 2)).to(blank_v.dtype))

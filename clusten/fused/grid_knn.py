@@ -1,6 +1,6 @@
 """Exact 2-D k-nearest neighbours by bucketing the database into square cells.
 
-Same results as :func:`clusten.knn.knn` (spec section 15.1: float32 positions, squared
+Same results as :func:`clusten.knn` (spec section 15.1: float32 positions, squared
 distances ``dx*dx + dy*dy`` in float64, ties to the lower database index, nearest first), found
 by looking only at the cells around each query instead of the whole database.
 
@@ -19,7 +19,7 @@ Which call sites it suits: exactness holds for any positions, so all six KNN use
 qualify (tokens -> tokens with k = 2 or 9, grid pixels or res2 -> level tokens with k = 4, level
 tokens -> res2 with k = 4, and tokens -> cluster means with k = nnc = 6, whose database is
 non-integer). It pays off when both sets are large (the brute force costs n x n_ distances);
-for small inputs (n * n_ below about 2^22, one brute-force chunk) :func:`clusten.knn.knn` is as
+for small inputs (n * n_ below about 2^22, one brute-force chunk) :func:`clusten.knn` is as
 fast. Strongly uneven densities (a dense cluster plus a few far points) make cells unbalanced
 and the search slower, never wrong. The search synchronises with the host once per round.
 """

@@ -13,7 +13,9 @@ from clusten import build
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-B, H, N, N_SRC, M, C, IC, K = 2, 2, 300, 257, 16, 32, 4, 4
+SIZES = dict(B=2, H=2, N=300, N_SRC=257, M=16, C=32, IC=4, K=4)
+TINY = dict(B=1, H=2, N=5, N_SRC=6, M=3, C=4, IC=2, K=2)
+N_SRC = SIZES["N_SRC"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,7 +23,8 @@ def extension():
     return build.load_extension()
 
 
-def _inputs(op, dtype, seed=0):
+def _inputs(op, dtype, seed=0, sizes=SIZES):
+    B, H, N, N_SRC, M, C, IC, K = (sizes[key] for key in ("B", "H", "N", "N_SRC", "M", "C", "IC", "K"))
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def f(*shape):
@@ -71,8 +74,8 @@ def test_kernel_matches_twin(op, dtype, monkeypatch):
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_gradcheck_float64(op, monkeypatch):
     monkeypatch.setenv(build.BACKEND_ENV, "cuda")
-    small = [a[:1].detach().requires_grad_(a.requires_grad) for a in _inputs(op, torch.float64)]  # batch 1
-    assert torch.autograd.gradcheck(getattr(clusten, op), small, nondet_tol=1e-12)
+    args = _inputs(op, torch.float64, sizes=TINY)
+    assert torch.autograd.gradcheck(getattr(clusten, op), args, nondet_tol=1e-12)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -116,6 +116,20 @@ def test_op_backward_matches_autograd_of_twin():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def _opcheck_both_ops(inputs):
+    """torch.library.opcheck (schema, fake tensors, autograd registration) of the forward and backward ops."""
+    args = tuple(v.requires_grad_(True) if k in GRAD_NAMES else v for k, v in inputs.items())
+    torch.library.opcheck(torch.ops.clusten.cluster_attention_fwd.default, args)
+    plain = tuple(a.detach() if a is not None else None for a in args)
+    out, lse = torch.ops.clusten.cluster_attention_fwd(*plain)
+    torch.library.opcheck(torch.ops.clusten.cluster_attention_bwd.default, (torch.randn_like(out),) + plain + (out, lse))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_custom_ops_pass_opcheck(masked):
+    _opcheck_both_ops(_inputs(n=6, m=8, masked=masked, dtype=torch.float32, seed=9))
+
+
 def test_output_is_stored_heads_last():
     out = cluster_attention(**_inputs(b=2, n=7, seed=7))
     assert out.shape == (2, 2, 7, 8)
@@ -184,6 +198,33 @@ def _kernel_vs_twin(kernels, inputs, grad_out, tol):
         torch.testing.assert_close(got.float(), want.float(), **tol, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETING, reason="compiles for a GPU target")
+@pytest.mark.parametrize("kernel_name", ["_forward_kernel", "_backward_kernel"])
+def test_triton_kernels_compile_for_gpu_targets(kernel_name):
+    """Ahead-of-time compile to sm_90 machine code (no GPU needed): catches what the interpreter accepts
+    but the compiler rejects."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(KERNEL_MODULE), kernel_name)
+    float32_buffers = {"lse_ptr", "dk_ptr", "dv_ptr", "dbk_ptr", "dbv_ptr", "bk_ptr", "bv_ptr"}
+    signature, constants = {}, {"HAS_MASK": True, "BLOCK_Q": 8, "BLOCK_M": 16, "BLOCK_C": 32}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = {"idx_ptr": "*i64", "mask_ptr": "*i1"}.get(
+                name, "*fp32" if name in float32_buffers else "*bf16")
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert len(compiled.asm["cubin"]) > 0
+
+
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 HALF_TOL = dict(rtol=2e-2, atol=2e-2)  # same low-precision inputs on both sides; outputs rounded once
 
@@ -200,6 +241,7 @@ def test_triton_float32_matches_twin(kernels, m, masked):
 def test_triton_half_precision_matches_twin(kernels, dtype):
     inputs = _inputs(n=19, c=16, m=48, dtype=dtype, seed=11, mask_dtype=torch.bool, device=DEVICE)
     inputs["blank_k"] = inputs["blank_k"].float()  # float32 parameters next to half activations, as under autocast
+    inputs["nbhd_idx"] = inputs["nbhd_idx"].int()
     grad_out = torch.randn(1, 2, 19, 16, device=DEVICE).to(dtype)
     _kernel_vs_twin(kernels, inputs, grad_out, HALF_TOL)
 
@@ -224,3 +266,31 @@ def test_triton_op_autograd_and_strided_inputs(kernels, monkeypatch):
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
         torch.testing.assert_close(got, want, **FP32_TOL, msg=name)
+
+
+def test_triton_custom_ops_pass_opcheck(kernels):
+    _opcheck_both_ops(_inputs(n=6, m=20, dtype=torch.float32, seed=14, device=DEVICE))
+
+
+def test_triton_deterministic_mode_uses_twin_backward(kernels, monkeypatch):
+    inputs = _inputs(n=9, m=48, dtype=torch.float32, seed=13, device=DEVICE)
+    grad_out = torch.randn(1, 2, 9, 8, device=DEVICE)
+    monkeypatch.setattr(kernels, "backward", lambda *a: pytest.fail("atomic backward used in deterministic mode"))
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, grads = _grads(cluster_attention, inputs, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    _, ref_grads = _grads(cluster_attention_reference, inputs, grad_out)
+    for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
+        torch.testing.assert_close(got, want, **FP32_TOL, msg=name)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(capsys):
+    from clusten.fused import benchmark
+
+    benchmark.main(["--device", "cpu", "--small", "--repeat", "1", "--dtype", "fp32"])
+    printed = capsys.readouterr().out
+    assert printed.count("identical: True") == 4
+    assert "fwd+bwd" in printed and "stage 4: forward x" in printed

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clusten.fused import grid_knn
-from clusten.knn import knn
+from clusten import knn
 
 
 def _lattice(width, height):

@@ -3,7 +3,7 @@
 Every case runs in a fresh interpreter that loads ``aff_seg/compat.py`` by path (so that
 importing ``aff_seg`` does not apply all fixes first), applies every fix *except* the one under
 test, checks that detectron2 fails the way the fix is for, then applies the fix and checks
-that the same call works.
+that the same call works with all of them applied (``apply()``).
 """
 import subprocess
 import sys
@@ -30,6 +30,10 @@ CASES = {
         "has no attribute 'int'",
     ),
     "_fix_detectron2_c": ("import detectron2.layers", "cannot import name '_C'"),
+    "_fix_detectron2_export": (
+        "from detectron2.utils.analysis import FlopCountAnalysis\nfrom detectron2.export import TracingAdapter",
+        "No module named 'caffe2'",
+    ),
 }
 
 
@@ -40,12 +44,12 @@ def _run(code):
 @pytest.mark.parametrize("fix", sorted(CASES))
 def test_fix_is_needed_and_works(fix):
     needs_fix, expected_error = CASES[fix]
-    others = "\n".join(f"compat.{name}()" for name in CASES if name != fix)
+    others = "\n".join(f"compat.{name}()" for name in CASES if name != fix)  # in apply()'s order
     without = _run(PRELUDE + others + "\n" + needs_fix)
     assert without.returncode != 0, f"{fix}: detectron2 worked without it; is the fix still needed?"
     assert expected_error in without.stderr, without.stderr[-2000:]
 
-    with_fix = _run(PRELUDE + others + f"\ncompat.{fix}()\n" + needs_fix + "\nprint('OK')")
+    with_fix = _run(PRELUDE + "compat.apply()\n" + needs_fix + "\nprint('OK')")
     assert with_fix.returncode == 0, with_fix.stderr[-2000:]
     assert with_fix.stdout.strip().endswith("OK")
 

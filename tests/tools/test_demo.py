@@ -69,7 +69,7 @@ def test_images_glob_tokens_and_bad_file(demo, tiny_config, tmp_path, demo_log):
             assert drawn is not None and drawn.shape[:2] == (h, w)
 
 
-def test_draw_kept_tokens_brightens_only_kept_cells():
+def test_draw_kept_tokens_brightens_only_kept_cells(demo):  # demo: puts predictor on the path
     from predictor import StageTokens, draw_kept_tokens
 
     image = np.full((16, 16, 3), 200, np.uint8)

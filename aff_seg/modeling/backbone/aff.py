@@ -62,6 +62,7 @@ class PatchEmbed(nn.Module):
         x = F.pad(x, (0, -W % PATCH_SIZE, 0, -H % PATCH_SIZE))
         x = self.proj2(self.act1(self.bn(self.proj1(x))))
         b, _, h, w = x.shape
+        h, w = int(h), int(w)  # plain ints even under tracing (the clustering rounds them)
         x = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             x = self.norm(x)
@@ -80,12 +81,13 @@ class AFFStage(nn.Module):
         cluster_size: m; nbhd_size: neighbourhood size (rounded to a multiple of m); when it is
             at least the number of tokens the stage uses global attention.
         depth, num_heads, mlp_ratio, drop, attn_drop, drop_path (list per block), layer_scale:
-            block settings; alpha, ds_rate, reserve_on: downsampling settings.
+            block settings; fused_attention: use clusten's fused cluster-attention op;
+        alpha, ds_rate, reserve_on: downsampling settings.
     """
 
     def __init__(self, dim, out_dim, cluster_size, nbhd_size, depth, num_heads, mlp_ratio=2.0,
                  alpha=4.0, ds_rate=0.25, reserve_on=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
-                 layer_scale=0.0):
+                 layer_scale=0.0, fused_attention=False):
         super().__init__()
         self.dim = dim
         self.cluster_size = cluster_size
@@ -93,7 +95,8 @@ class AFFStage(nn.Module):
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.ModuleList([
             ClusterTransformerBlock(dim, num_heads, mlp_ratio=mlp_ratio, drop=drop, attn_drop=attn_drop,
-                                    drop_path=drop_path[i], layer_scale=layer_scale)
+                                    drop_path=drop_path[i], layer_scale=layer_scale,
+                                    fused_attention=fused_attention)
             for i in range(depth)
         ])
         if out_dim is not None:
@@ -164,7 +167,8 @@ class AFFStage(nn.Module):
 
 
 class AFF(nn.Module):
-    """AutoFocusFormer backbone.
+    """AutoFocusFormer backbone (the defaults are AFF-Mini; ``AFF(**AFF_SIZES[name])`` builds any
+    published size).
 
     Args:
         in_chans: input channels. embed_dim, depths, num_heads, nbhd_size: per stage.
@@ -172,6 +176,8 @@ class AFF(nn.Module):
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth
             (rising linearly from 0 over all blocks).
         patch_norm: LayerNorm after the stem. out_indices: stages whose output is returned.
+        fused_attention: run local attention through ``clusten.fused.cluster_attention`` (same
+            result as the unfused reference chain; not with attention dropout).
     Forward: ``x`` b x in_chans x H x W (H, W >= 32) -> dict with, for each output stage i,
         ``res{i+2}`` (b x n_i x C_i, after ``norm{i}``), ``res{i+2}_pos`` (b x n_i x 2 float32,
         (x, y) in stride-4 grid units) and ``res{i+2}_spatial_shape`` ((h, w) of that grid).
@@ -180,7 +186,7 @@ class AFF(nn.Module):
     def __init__(self, in_chans=3, embed_dim=(32, 128, 256, 384), cluster_size=8, nbhd_size=(48, 48, 48, 48),
                  alpha=4.0, ds_rate=0.25, reserve_on=True, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
                  mlp_ratio=2.0, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, patch_norm=True,
-                 layer_scale=0.0, out_indices=(0, 1, 2, 3)):
+                 layer_scale=0.0, out_indices=(0, 1, 2, 3), fused_attention=False):
         super().__init__()
         num_stages = len(depths)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("nbhd_size", nbhd_size)):
@@ -210,6 +216,7 @@ class AFF(nn.Module):
                 depths[i], num_heads[i], mlp_ratio=mlp_ratio, alpha=alpha, ds_rate=ds_rate,
                 reserve_on=reserve_on, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=rates[start:start + depths[i]], layer_scale=layer_scale,
+                fused_attention=fused_attention,
             ))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))

@@ -11,16 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import clusten
+from clusten.fused import cluster_attention
+from clusten.fused.attention import MASK_LOGIT  # -100 on padding slots (the original's value, not -inf)
 
 __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlock", "Mlp", "DropPath"]
 
-MASK_LOGIT = -100.0  # added to the logits of padding slots (the original's value, not -inf)
 
-
-def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v, dropout_p=0.0):
+def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v, dropout_p=0.0, fused=False):
     """Softmax attention of each query over its neighbourhood plus a blank token.
 
-    The one function boundary of the attention core (a fused kernel computes the same thing).
+    The one function boundary of the attention core: with ``fused`` (and local attention
+    without dropout) it runs ``clusten.fused.cluster_attention``, which computes the same thing
+    in one pass; otherwise the unfused reference chain below.
     ``A = q . key[nbhd] + bias (- 100 on padding slots)``; the blank token adds a logit
     ``q . blank_k`` without bias; ``P = softmax([A, a0])`` (in float32);
     ``out = sum_j P_j value[nbhd_j] + P_0 blank_v``.
@@ -33,10 +35,14 @@ def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, 
         nbhd_valid: ``b x n x M`` bool, False on padding slots, or None.
         blank_k, blank_v: ``h x c'`` the blank token's key and value.
         dropout_p: attention dropout probability (0 in eval).
+        fused: use the fused op where it applies.
     Returns:
         ``b x h x n x c'``.
     """
     h, c = blank_k.shape
+    if fused and nbhd_idx is not None and dropout_p == 0:
+        bias = bias.expand(q.shape[0], -1, -1, -1)
+        return cluster_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v)
     if nbhd_idx is None:
         logits = q @ key.transpose(-1, -2)
     else:
@@ -62,7 +68,7 @@ class ClusterAttention(nn.Module):
     ``blank_k``, ``blank_v`` (C each, split per head), ``pos_embed`` (Linear(5, h)), ``proj``.
     """
 
-    def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0):
+    def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0, fused=False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
@@ -77,6 +83,7 @@ class ClusterAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused = fused
 
     def forward(self, feat, nbhd_idx, nbhd_valid, rel_features):
         """
@@ -97,12 +104,12 @@ class ClusterAttention(nn.Module):
         out = neighbourhood_attention(
             q, key, value, nbhd_idx, bias, nbhd_valid,
             self.blank_k.reshape(h, c // h), self.blank_v.reshape(h, c // h),
-            dropout_p=self.attn_drop if self.training else 0.0,
+            dropout_p=self.attn_drop if self.training else 0.0, fused=self.fused,
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self):
-        return f"dim={self.dim}, num_heads={self.num_heads}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, fused={self.fused}"
 
 
 class Mlp(nn.Module):
@@ -143,10 +150,11 @@ class ClusterTransformerBlock(nn.Module):
     ``gamma1``/``gamma2`` (layer scale) exist only when ``layer_scale > 0``.
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio=2.0, drop=0.0, attn_drop=0.0, drop_path=0.0, layer_scale=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=2.0, drop=0.0, attn_drop=0.0, drop_path=0.0, layer_scale=0.0,
+                 fused_attention=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = ClusterAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = ClusterAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop, fused=fused_attention)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)

@@ -29,7 +29,8 @@ STEM_KEY = "patch_embed.proj1.weight"
 
 def _numpy_globals():
     core = getattr(np, "_core", None) or np.core
-    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by class
+    dtype_classes = [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")] if dtypes else []
     return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype] + dtype_classes
 
 

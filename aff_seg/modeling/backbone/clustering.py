@@ -9,9 +9,10 @@ Differences from the original, each a fix of a crash or a hazard:
 
 * the anchor grid has at least one row and one column (the original rounds to 0 rows on very
   elongated canvases), and one or two anchors work (the original needs three);
-* ``max_ratio`` in the ranking key is taken per image instead of over the whole batch, so a
-  token's rank never depends on the other images of the batch; at batch size 1 (inference)
-  this is the original's key, bit for bit.
+* ``max_ratio`` in the ranking key is taken over the whole batch tensor, as the original does
+  (reference section 15.2).  It only spaces the cells apart, so the order inside a cell does not
+  depend on it except through float32 rounding of the key (tested: an image gives the same
+  tokens alone and inside a batch).
 """
 import math
 
@@ -90,7 +91,7 @@ def space_filling_cluster(pos, cluster_size, h, w):
         dist_prev = (pos - prev_anchor[rank]).pow(2).sum(-1)  # b x n
         dist_next = (pos - next_anchor[rank]).pow(2).sum(-1)
         ratio = dist_prev / (dist_next + 1e-5)
-        key = rank * (ratio.amax(dim=1, keepdim=True) + 1) + ratio
+        key = rank * (ratio.amax() + 1) + ratio
         order = torch.sort(key, dim=1, stable=True)[1]  # b x n
 
         pos_sorted = pos.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))

@@ -45,6 +45,7 @@ class AutoFocusFormer(AFF, Backbone):
             drop_path_rate=aff.DROP_PATH_RATE,
             patch_norm=aff.PATCH_NORM,
             out_features=list(aff.OUT_FEATURES),
+            fused_attention=aff.FUSED_ATTENTION,
         )
 
     def output_shape(self):

@@ -290,7 +290,8 @@ class MaskFormer(nn.Module):
         if self.panoptic_on:  # panoptic models report instances of thing classes only
             thing_ids = torch.tensor(sorted(self._thing_ids()), device=labels_per_image.device, dtype=torch.int64)
             keep = torch.isin(labels_per_image, thing_ids)
-            scores_per_image, labels_per_image, mask_pred = scores_per_image[keep], labels_per_image[keep], mask_pred[keep]
+            scores_per_image, labels_per_image = scores_per_image[keep], labels_per_image[keep]
+            mask_pred = mask_pred[keep]
 
         result = Instances(mask_pred.shape[-2:])
         result.pred_masks = (mask_pred > 0).float()

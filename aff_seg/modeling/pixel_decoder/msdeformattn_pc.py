@@ -6,8 +6,11 @@ nearest tokens; the res3 output is then interpolated onto the res2 tokens (all s
 pixels), refined by a PointConv and projected to the mask features.
 
 Precision: positions, sampling locations, Shepard weights, the attention softmax and the
-aggregation always run in float32 (a bf16 location is off by up to a whole grid cell beyond
-x = 256); the linear layers follow autocast (measured in tests/modeling/heads/test_precision.py).
+aggregation always run in float32 (at least); the linear layers follow autocast.  Measured on
+CPU: in bf16, a sampling location on a Cityscapes-size grid (128 x 256) lands in another grid
+cell for 24% of samples and its Shepard weights are off by 0.05 on average (1.0 at worst),
+whereas bf16 linear layers keep the mask features within 0.9% (relative L2) of float32
+(tests/modeling/heads/test_heads_precision.py).
 """
 import math
 from typing import Dict, List

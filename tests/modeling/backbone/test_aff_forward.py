@@ -124,7 +124,8 @@ def test_no_stale_state_between_calls_with_other_batch_and_canvas_sizes():
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 80, 48)
     for mode in ("train", "eval"):
-        expect, got = run(copy.deepcopy(fresh).train(mode == "train"), x), run(copy.deepcopy(model).train(mode == "train"), x)
+        training = mode == "train"
+        expect, got = run(copy.deepcopy(fresh).train(training), x), run(copy.deepcopy(model).train(training), x)
         for key in expect:
             assert torch.equal(expect[key], got[key]) if torch.is_tensor(got[key]) else expect[key] == got[key]
 
@@ -168,6 +169,7 @@ def test_bf16_autocast_on_cpu():
     assert err < 0.05
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast(dtype):
@@ -182,3 +184,20 @@ def test_cuda_autocast(dtype):
     assert (out["res2"].float().cpu() - ref["res2"]).norm() / ref["res2"].norm() < 0.05
     fp32 = run(model, x.cuda())
     torch.testing.assert_close(fp32["res2"].cpu(), ref["res2"], rtol=1e-3, atol=1e-3)
+
+
+def test_fused_attention_gives_the_reference_result():
+    """MODEL.AFF.FUSED_ATTENTION swaps the attention core only: same outputs and gradients."""
+    x = torch.randn(2, 3, 64, 96)
+    outs, grads = [], []
+    for fused in (False, True):
+        model = mini(seed=4, fused_attention=fused).eval()
+        out = model(x)
+        out["res5"].square().mean().backward()
+        outs.append(out)
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for i in range(2, 6):
+        assert torch.equal(outs[0][f"res{i}_pos"], outs[1][f"res{i}_pos"])
+        torch.testing.assert_close(outs[0][f"res{i}"], outs[1][f"res{i}"], rtol=1e-4, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-5, msg=k)

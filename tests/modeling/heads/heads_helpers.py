@@ -10,7 +10,11 @@ convolution so that gradients reach the head through them.
 import math
 import os
 
+import numpy as np
+import pycocotools.mask as mask_util
 import torch
+from PIL import Image
+from panopticapi.utils import rgb2id
 from torch import nn
 
 import aff_seg  # noqa: F401  (before detectron2)
@@ -129,3 +133,42 @@ def instances_from_masks(masks, classes):
     inst.gt_masks = masks.bool()
     inst.gt_classes = torch.as_tensor(classes, dtype=torch.int64)
     return inst
+
+
+def record_image(record, size=None):
+    """A dataset record's image as a ``3 x H x W`` float tensor (optionally cropped to ``size``)."""
+    image = np.asarray(Image.open(record["file_name"]).convert("RGB"), dtype=np.float32)
+    image = torch.as_tensor(image).permute(2, 0, 1)
+    return image if size is None else image[:, : size[0], : size[1]]
+
+
+def semantic_segments(record, ignore_label=255):
+    """One mask per class present in the semantic label png."""
+    label = torch.from_numpy(np.asarray(Image.open(record["sem_seg_file_name"]), dtype=np.int64))
+    classes = [c for c in label.unique().tolist() if c != ignore_label]
+    return torch.stack([label == c for c in classes]), classes
+
+
+def instance_segments(record):
+    """One mask per non-crowd COCO-format annotation."""
+    h, w = record["height"], record["width"]
+    anns = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+    masks = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w))) for a in anns]
+    return torch.as_tensor(np.array(masks, dtype=bool).reshape(-1, h, w)), [a["category_id"] for a in anns]
+
+
+def panoptic_segments(record):
+    """One mask per panoptic segment."""
+    ids = torch.from_numpy(rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]), dtype=np.uint32)))
+    infos = [s for s in record["segments_info"] if not s.get("iscrowd", 0)]
+    return torch.stack([ids == s["id"] for s in infos]), [s["category_id"] for s in infos]
+
+
+def training_input(record, segments, size=None):
+    """A MaskFormer training input from a record, optionally cropped (empty masks dropped)."""
+    image = record_image(record, size)
+    masks, classes = segments(record)
+    masks = masks[:, : image.shape[1], : image.shape[2]]
+    keep = masks.flatten(1).any(1)
+    classes = [c for c, k in zip(classes, keep.tolist()) if k]
+    return {"image": image, "instances": instances_from_masks(masks[keep], classes)}

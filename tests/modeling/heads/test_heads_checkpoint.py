@@ -3,12 +3,14 @@ and a checkpoint in that format round-trips through detectron2's checkpointer wi
 missing, unexpected or skipped."""
 import copy
 import functools
+import glob
+import os
 import pickle
 
 import pytest
 import torch
 
-from heads_helpers import load_cfg  # noqa: I100  (registers the fake backbone first)
+from heads_helpers import config_path, load_cfg  # noqa: I100  (registers the fake backbone first)
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -21,21 +23,30 @@ CONFIGS = {
     "city_pan_mini": ("cityscapes/panoptic-segmentation/aff/maskformer2_aff_mini_bs32_45k.yaml", 19, 100, True, MINI),
     "coco_mini": ("coco/instance-segmentation/aff/maskformer2_aff_mini_bs64_50ep.yaml", 80, 100, False, MINI),
 }
-TINY, SMALL, BASE = (64, 128, 256, 512), (96, 192, 384, 768), (128, 256, 512, 1024)
-OTHER_SIZES = {
-    "ade_tiny": ("ade20k/semantic-segmentation/aff/maskformer2_aff_tiny_bs32_80k.yaml", 150, 100, True, TINY),
-    "ade_small_1_5th": ("ade20k/semantic-segmentation/aff/maskformer2_aff_small_1_5th_bs32_80k.yaml", 150, 100,
-                        True, SMALL),
-    "city_ins_base": ("cityscapes/instance-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml", 8, 250, True,
-                      BASE),
-    "city_pan_small": ("cityscapes/panoptic-segmentation/aff/maskformer2_aff_small_bs32_45k.yaml", 19, 100, True,
-                       SMALL),
-    "city_pan_base": ("cityscapes/panoptic-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml", 19, 250, True,
-                      BASE),
-    "coco_tiny_1_5th": ("coco/instance-segmentation/aff/maskformer2_aff_tiny_1_5th_bs64_50ep.yaml", 80, 100, False,
-                        TINY),
-    "coco_small": ("coco/instance-segmentation/aff/maskformer2_aff_small_bs64_50ep.yaml", 80, 100, False, SMALL),
+CHANNELS = {"mini": MINI, "tiny": (64, 128, 256, 512), "small": (96, 192, 384, 768), "base": (128, 256, 512, 1024)}
+# folder: (classes K, shepard power learnable)
+DATASETS = {
+    "ade20k/semantic-segmentation": (150, True),
+    "cityscapes/instance-segmentation": (8, True),
+    "cityscapes/panoptic-segmentation": (19, True),
+    "coco/instance-segmentation": (80, False),
 }
+
+
+def every_aff_config():
+    """Every shipped AFF config of the four tasks, with the head it must build."""
+    found = {}
+    for folder, (num_classes, learnable) in DATASETS.items():
+        for path in sorted(glob.glob(config_path(f"{folder}/aff/maskformer2_aff_*.yaml"))):
+            name = os.path.basename(path)
+            size = name.split("_")[2]
+            queries = 250 if size == "base" else 100
+            found[f"{folder.split('/')[0]}/{name}"] = (f"{folder}/aff/{name}", num_classes, queries, learnable,
+                                                      CHANNELS[size])
+    return found
+
+
+OTHER_SIZES = {k: v for k, v in every_aff_config().items() if v[0] not in {c[0] for c in CONFIGS.values()}}
 
 
 def expected_head_shapes(num_classes, num_queries, learnable, channels):
@@ -155,6 +166,10 @@ def test_third_party_pickle_with_matching_heuristics(tmp_path):
         pickle.dump({"model": model.state_dict(), "__author__": "third_party", "matching_heuristics": True}, f)
     fresh, incompatible = round_trip(str(path), model)
     assert_loaded(fresh, model, incompatible)
+
+
+def test_every_size_is_checked():
+    assert len(OTHER_SIZES) >= 20  # Mini-1/5, Tiny(-1/5), Small(-1/5), Base of the four tasks
 
 
 @pytest.mark.slow

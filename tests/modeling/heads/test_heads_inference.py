@@ -3,19 +3,20 @@
 import contextlib
 import io
 
-import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from heads_helpers import tiny_cfg  # noqa: I100  (registers the fake backbone first)
+from heads_helpers import (  # noqa: I100  (registers the fake backbone first)
+    instance_segments,
+    panoptic_segments,
+    semantic_segments,
+    tiny_cfg,
+)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
 from detectron2.modeling import build_model
-from panopticapi.utils import rgb2id
 
 from aff_seg.data.datasets import register_standard_datasets
 from aff_seg.data.synthetic import make_synthetic_datasets
@@ -68,7 +69,7 @@ def outputs_from_segments(masks, classes, num_classes, extra_queries=3):
     return {"pred_logits": logits, "pred_masks": pred}
 
 
-def run(model, record, outputs):
+def run(model, outputs):
     model.sem_seg_head.outputs = outputs
     h, w = outputs["size"]
     with torch.no_grad():
@@ -87,10 +88,10 @@ def evaluate(evaluator, model, name, to_outputs):
     evaluator.reset()
     with contextlib.redirect_stdout(io.StringIO()):
         for record in DatasetCatalog.get(name):
-            masks, classes, size = to_outputs(record)
+            masks, classes = to_outputs(record)
             outputs = outputs_from_segments(masks, classes, model.sem_seg_head.num_classes)
-            outputs["size"] = size
-            evaluator.process([record], [run(model, record, outputs)])
+            outputs["size"] = tuple(masks.shape[-2:])
+            evaluator.process([record], [run(model, outputs)])
         return evaluator.evaluate()
 
 
@@ -100,9 +101,7 @@ def test_semantic_ground_truth_scores_100_miou(synthetic_root):
     model = scripted_model(metadata, 150, semantic=True)
 
     def segments(record):
-        label = torch.from_numpy(np.asarray(Image.open(record["sem_seg_file_name"]), dtype=np.int64))
-        classes = [c for c in label.unique().tolist() if c != metadata.ignore_label]
-        return torch.stack([label == c for c in classes]), classes, tuple(label.shape)
+        return semantic_segments(record, metadata.ignore_label)
 
     results = evaluate(SemSegEvaluator(name, distributed=False), model, name, segments)
     assert results["sem_seg"]["mIoU"] == pytest.approx(100.0)
@@ -112,14 +111,8 @@ def test_instance_ground_truth_scores_100_ap(synthetic_root):
     name = "coco_2017_val"
     model = scripted_model(MetadataCatalog.get(name), 80, instance=True)
 
-    def segments(record):
-        h, w = record["height"], record["width"]
-        anns = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
-        masks = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w))) for a in anns]
-        return torch.as_tensor(np.array(masks, dtype=bool)), [a["category_id"] for a in anns], (h, w)
-
     evaluator = COCOEvaluator(name, tasks=("segm",), distributed=False, use_fast_impl=False)
-    results = evaluate(evaluator, model, name, segments)
+    results = evaluate(evaluator, model, name, instance_segments)
     assert results["segm"]["AP"] == pytest.approx(100.0)
 
 
@@ -127,12 +120,7 @@ def test_panoptic_ground_truth_scores_100_pq(synthetic_root):
     name = "cityscapes_fine_panoptic_val"
     model = scripted_model(MetadataCatalog.get(name), 19, semantic=True, panoptic=True, instance=True)
 
-    def segments(record):
-        ids = torch.from_numpy(rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]), dtype=np.uint32)))
-        infos = record["segments_info"]
-        return torch.stack([ids == s["id"] for s in infos]), [s["category_id"] for s in infos], tuple(ids.shape)
-
-    results = evaluate(COCOPanopticEvaluator(name), model, name, segments)
+    results = evaluate(COCOPanopticEvaluator(name), model, name, panoptic_segments)
     assert results["panoptic_seg"]["PQ"] == pytest.approx(100.0)
 
 

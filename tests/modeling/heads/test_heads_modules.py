@@ -76,7 +76,8 @@ def test_deformable_attention_matches_reference():
     poss = [grid_positions(h, w, 1, "cpu")[:, perm[:n]].double() for n in (3, 6, 11)]
     queries = [torch.randn(1, p.shape[1], 8, dtype=torch.float64) for p in poss]
     values = [torch.randn(1, p.shape[1], 8, dtype=torch.float64) for p in poss]
-    nb_idx = [torch.cdist(grid_positions(h, w, 1, "cpu").double(), p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
+    grid = grid_positions(h, w, 1, "cpu").double()
+    nb_idx = [torch.cdist(grid, p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
     got = attn(queries, poss, values, nb_idx, (h, w))
     want = reference_deform_attn(attn, queries, poss, values, (h, w))
     for g, r in zip(got, want):
