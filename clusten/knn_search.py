@@ -10,7 +10,7 @@ import torch
 
 from .validation import check
 
-CHUNK_PAIRS = 1 << 22  # query x database pairs per chunk (about 120 MB of temporaries)
+CHUNK_PAIRS = 1 << 18  # query x database pairs per chunk (a few MB of temporaries: stays in cache)
 
 
 @torch.no_grad()
@@ -47,25 +47,31 @@ def knn(query, database, k, return_dist=False):
 
 def _squared_distances(q, db):
     """``b x n x d``, ``b x n_ x d`` (float64) -> ``b x n x n_`` squared distances, summed per axis."""
-    sq = torch.zeros(q.shape[0], q.shape[1], db.shape[1], dtype=q.dtype, device=q.device)
-    for axis in range(q.shape[-1]):
-        diff = q[..., axis, None] - db[..., None, :, axis]
-        sq.add_(diff * diff)
+    diff = q[..., 0, None] - db[..., None, :, 0]
+    sq = diff * diff
+    for axis in range(1, q.shape[-1]):
+        diff = torch.sub(q[..., axis, None], db[..., None, :, axis], out=diff)
+        sq.addcmul_(diff, diff)
     return sq
 
 
 def _k_smallest(sq, k):
-    """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``).
+    """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``), and their values.
 
-    Selection is linear in n_: a topk gives the k-th smallest value, every strictly smaller
-    entry is taken, and the tied entries at that value are taken lowest index first.
+    A topk finds the k-th smallest value; it is right as it stands unless more entries tie at
+    that value than it took, and only those rows are redone: every strictly smaller entry is
+    taken, then the tied ones lowest index first. The k are finally ordered by (value, index).
     """
-    kth = sq.topk(k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
-    below = sq < kth
-    tied = sq == kth
-    room = k - below.sum(-1, keepdim=True)
-    take = below | (tied & (tied.cumsum(-1) <= room))
-    chosen = take.nonzero()[:, -1].view(*sq.shape[:-1], k)  # exactly k per row, ascending index
+    values, chosen = sq.topk(k, dim=-1, largest=False, sorted=True)
+    kth = values[..., -1:]
+    ambiguous = ((sq == kth).sum(-1) > (values == kth).sum(-1)).nonzero(as_tuple=True)
+    if ambiguous[0].numel():
+        rows = sq[ambiguous]
+        tied = rows == kth[ambiguous]
+        room = k - (rows < kth[ambiguous]).sum(-1, keepdim=True)
+        take = (rows < kth[ambiguous]) | (tied & (tied.cumsum(-1) <= room))
+        chosen[ambiguous] = take.nonzero()[:, -1].view(-1, k)  # exactly k per row, ascending index
+    chosen = chosen.sort(dim=-1).values
     chosen_sq = sq.gather(-1, chosen)
     order = torch.sort(chosen_sq, dim=-1, stable=True).indices
     return chosen.gather(-1, order), chosen_sq.gather(-1, order)

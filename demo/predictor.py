@@ -20,6 +20,8 @@ from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from aff_seg.modeling.backbone import AFFCheckpointer
+
 __all__ = ["StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens"]
 
 # side of one token's cell on the padded input: positions are in stride-4 grid units
@@ -85,7 +87,12 @@ class VisualizationDemo:
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.cpu_device = torch.device("cpu")
-        self.predictor = DefaultPredictor(cfg)
+        weights_free = cfg.clone()
+        weights_free.defrost()
+        weights_free.MODEL.WEIGHTS = ""  # DefaultPredictor would read it with plain pickle
+        self.predictor = DefaultPredictor(weights_free)
+        if cfg.MODEL.WEIGHTS:
+            AFFCheckpointer(self.predictor.model).load(cfg.MODEL.WEIGHTS)
         self._backbone_outputs = None
 
     # -- prediction -----------------------------------------------------------------------

@@ -16,6 +16,8 @@ unknown nodes and so left them out, the count includes
   ``clusten::gather_sum``: ``out.numel() * m``; ``clusten::scatter_sum``: ``w.numel() * c``),
   which is every neighbourhood attention (qk and av), PointConv's weighted features, the
   weighted gathers of Shepard interpolation and the point deformable attention;
+* the fused cluster attention (``clusten::cluster_attention_fwd``: logits and weighted sum
+  over the M neighbours and the blank token, ``2 * b * h * n * (M + 1) * c``);
 * every KNN search, as the brute-force distance computation ``b * n * n_ * d`` (query
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
@@ -42,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from aff_seg.modeling.backbone import AFFCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
@@ -75,6 +77,13 @@ def scatter_sum_flop(inputs, outputs):
     return prod(get_shape(inputs[0])) * get_shape(inputs[1])[-1]
 
 
+def cluster_attention_flop(inputs, outputs):
+    """Fused attention, ``query`` b x h x n x c, ``nbhd_idx`` b x n x M: the logits and the
+    weighted sum over M neighbours plus the blank token, 2 * b * h * n * (M + 1) * c."""
+    b, h, n, c = get_shape(inputs[0])
+    return 2 * b * h * n * (get_shape(inputs[3])[-1] + 1) * c
+
+
 def knn_flop(inputs, outputs):
     """``query`` b x n x d, ``database`` b x n_ x d: brute-force distances, b * n * n_ * d."""
     b, n, d = get_shape(inputs[0])
@@ -85,11 +94,13 @@ FLOP_HANDLES = {
     "clusten::gather_dot": gather_dot_flop,
     "clusten::gather_sum": gather_sum_flop,
     "clusten::scatter_sum": scatter_sum_flop,
+    "clusten::cluster_attention_fwd": cluster_attention_flop,
     KNN_OP: knn_flop,
 }
 ACTIVATION_HANDLES = {
     name: generic_activation_jit()
-    for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum")
+    for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum",
+                 "clusten::cluster_attention_fwd")
 }
 
 _plain_knn = clusten.knn
@@ -176,7 +187,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
 
 

@@ -198,10 +198,9 @@ def _kernel_vs_twin(kernels, inputs, grad_out, tol):
         torch.testing.assert_close(got.float(), want.float(), **tol, msg=name)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="compiles for a GPU target")
 @pytest.mark.parametrize("kernel_name", ["_forward_kernel", "_backward_kernel"])
-def test_triton_kernels_compile_for_gpu_targets(kernel_name):
+def test_kernels_compile_for_gpu_targets(kernel_name):
     """Ahead-of-time compile to sm_90 machine code (no GPU needed): catches what the interpreter accepts
     but the compiler rejects."""
     triton = pytest.importorskip("triton")

@@ -50,22 +50,26 @@ def test_custom_ops_match_the_hand_count(analyze_model):
     assert clusten.knn is analyze_model._plain_knn  # the KNN patch is undone
 
 
-def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config):
-    """Attention logits (qk) and KNN searches of the tiny AFF backbone on a 64 x 64 input,
-    counted from the spec's stage rules (sections 1.4, 1.6, 4)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config, fused):
+    """Cluster attention and KNN searches of the tiny AFF backbone on a 64 x 64 input,
+    counted from the spec's stage rules (sections 1.4, 1.6, 4): unfused, the attention logits
+    are the ``gather_dot`` op; fused, one op does logits, weighted sum and blank token."""
     from detectron2.modeling import build_backbone
 
-    cfg = analyze_model.setup_cfg(*tiny_config)
+    config_file, opts = tiny_config
+    cfg = analyze_model.setup_cfg(config_file, [*opts, "MODEL.AFF.FUSED_ATTENTION", str(fused)])
     backbone = build_backbone(cfg).eval()
     aff = cfg.MODEL.AFF
     m = aff.CLUSTER_SIZE
     n = (64 // 4) ** 2
-    qk = knn = 0
+    qk = blank = knn = 0
     for stage, (dim, nbhd) in enumerate(zip(aff.EMBED_DIM, aff.NBHD_SIZE)):
         if nbhd < n:  # local attention over M neighbours, found by KNN to cluster means
             k = math.ceil(n / m)
             nnc = min(round(nbhd / m), k)
             qk += aff.DEPTHS[stage] * n * m * nnc * dim
+            blank += aff.DEPTHS[stage] * n * dim
             knn += n * k * 2 if k < n else n * n * 2
         if stage < 3 and stage > 0:  # merging at stride >= 4: 2-NN among the tokens
             knn += n * n * 2
@@ -73,7 +77,10 @@ def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config):
     with torch.no_grad():
         counted = analyze_model.flop_analysis(backbone, (torch.zeros(1, 3, 64, 64),))
     ops = counted.by_operator()
-    assert (ops["gather_dot"], ops["knn"]) == (qk, knn)
+    if fused:
+        assert (ops["cluster_attention_fwd"], ops["knn"]) == (2 * (qk + blank), knn)
+    else:
+        assert (ops["gather_dot"], ops["knn"]) == (qk, knn)
 
 
 @pytest.mark.slow
