@@ -74,7 +74,8 @@ def kernels(device):
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         if choice == "cuda":
             raise RuntimeError(f"clusten: {BACKEND_ENV}=cuda but the CUDA kernels are unavailable ({reason})") from err
-        _log_once(logging.WARNING, f"clusten: CUDA kernels unavailable ({reason}); using the PyTorch path")
+        _log_once(logging.WARNING, f"clusten: CUDA kernels unavailable ({reason}); using the PyTorch path "
+                                   f"(set {BACKEND_ENV}=cuda to raise the full error)")
         return None
 
 

@@ -10,7 +10,10 @@ import torch
 
 from .validation import check
 
-CHUNK_PAIRS = 1 << 18  # query x database pairs per chunk (a few MB of temporaries: stays in cache)
+# query x database pairs per chunk: on CPU a few MB of temporaries (stays in cache); on a GPU
+# fewer, larger launches (about 0.5 GB of temporaries).
+CHUNK_PAIRS_CPU = 1 << 18
+CHUNK_PAIRS_GPU = 1 << 24
 
 
 @torch.no_grad()
@@ -30,14 +33,16 @@ def knn(query, database, k, return_dist=False):
     if not isinstance(k, int) or not 1 <= k <= s["n_"]:
         raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
     b, n, n_db = s["b"], s["n"], s["n_"]
-    q = query.detach().float().double()
-    db = database.detach().float().double()
+    # float32 positions, float64 arithmetic, one b x d x n row per axis (unit stride).
+    q = query.detach().float().double().transpose(1, 2).contiguous()
+    db = database.detach().float().double().transpose(1, 2).contiguous()
     idx = torch.empty(b, n, k, dtype=torch.int64, device=query.device)
     dist = torch.empty(b, n, k, dtype=torch.float32, device=query.device) if return_dist else None
-    step = max(1, CHUNK_PAIRS // max(1, b * n_db))
+    pairs = CHUNK_PAIRS_CPU if query.device.type == "cpu" else CHUNK_PAIRS_GPU
+    step = max(1, pairs // max(1, b * n_db))
     for start in range(0, n, step):
         end = min(n, start + step)
-        sq = _squared_distances(q[:, start:end], db)
+        sq = _squared_distances(q[:, :, start:end], db)
         chunk_idx, chunk_sq = _k_smallest(sq, k)
         idx[:, start:end] = chunk_idx
         if return_dist:
@@ -46,11 +51,11 @@ def knn(query, database, k, return_dist=False):
 
 
 def _squared_distances(q, db):
-    """``b x n x d``, ``b x n_ x d`` (float64) -> ``b x n x n_`` squared distances, summed per axis."""
-    diff = q[..., 0, None] - db[..., None, :, 0]
+    """``b x d x n``, ``b x d x n_`` (float64) -> ``b x n x n_`` squared distances, summed per axis."""
+    diff = q[:, 0, :, None] - db[:, 0, None, :]
     sq = diff * diff
-    for axis in range(1, q.shape[-1]):
-        diff = torch.sub(q[..., axis, None], db[..., None, :, axis], out=diff)
+    for axis in range(1, q.shape[1]):
+        torch.sub(q[:, axis, :, None], db[:, axis, None, :], out=diff)
         sq.addcmul_(diff, diff)
     return sq
 

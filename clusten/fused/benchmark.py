@@ -126,7 +126,8 @@ def bench_knn(args, device):
         brute_ms, _ = timed(lambda: knn(pixels, tokens, k), device, args.repeat)
         grid_ms, _ = timed(lambda: grid_knn(pixels, tokens, k), device, args.repeat)
         same = torch.equal(knn(pixels, tokens, k), grid_knn(pixels, tokens, k))
-        print(f"k={k}: brute force {brute_ms:9.2f} ms, grid {grid_ms:8.2f} ms, x{brute_ms / grid_ms:.1f}, identical: {same}")
+        print(f"k={k}: brute force {brute_ms:9.2f} ms, grid {grid_ms:8.2f} ms, x{brute_ms / grid_ms:.1f}, "
+              f"identical: {same}")
 
 
 def sweep_tiles(args, device):
@@ -145,7 +146,8 @@ def sweep_tiles(args, device):
         kernels.BACKWARD_CONFIG.update(config)
         fwd_ms, _ = timed(lambda: kernels.forward(**inputs), device, args.repeat)
         bwd_ms, _ = timed(lambda: kernels.backward(grad, *inputs.values(), out, lse), device, args.repeat)
-        print(f"BLOCK_Q={block_q:>3} BLOCK_M={block_m:>3} warps={warps}: forward {fwd_ms:8.3f} ms, backward {bwd_ms:8.3f} ms")
+        print(f"BLOCK_Q={block_q:>3} BLOCK_M={block_m:>3} warps={warps}: "
+              f"forward {fwd_ms:8.3f} ms, backward {bwd_ms:8.3f} ms")
     kernels.FORWARD_CONFIG.update(saved[0])
     kernels.BACKWARD_CONFIG.update(saved[1])
 

@@ -44,7 +44,8 @@ def test_fallback_logs_one_line_with_reason(fresh, caplog):
         assert build.kernels(CUDA) is None
         assert build.kernels(CUDA) is None
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["clusten: CUDA kernels unavailable (RuntimeError: error: no toolkit); using the PyTorch path"]
+    assert lines == ["clusten: CUDA kernels unavailable (RuntimeError: error: no toolkit); using the PyTorch path "
+                     "(set CLUSTEN_BACKEND=cuda to raise the full error)"]
     assert caplog.records[0].levelno == logging.WARNING
 
 

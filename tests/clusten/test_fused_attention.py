@@ -122,7 +122,8 @@ def _opcheck_both_ops(inputs):
     torch.library.opcheck(torch.ops.clusten.cluster_attention_fwd.default, args)
     plain = tuple(a.detach() if a is not None else None for a in args)
     out, lse = torch.ops.clusten.cluster_attention_fwd(*plain)
-    torch.library.opcheck(torch.ops.clusten.cluster_attention_bwd.default, (torch.randn_like(out),) + plain + (out, lse))
+    grad_args = (torch.randn_like(out),) + plain + (out, lse)
+    torch.library.opcheck(torch.ops.clusten.cluster_attention_bwd.default, grad_args)
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -177,8 +178,8 @@ DEVICE = "cpu" if INTERPRETING or not torch.cuda.is_available() else "cuda"
 def test_kernels_in_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "test_triton_", "-p", "no:cacheprovider"],
-                            env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "test_triton_", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 

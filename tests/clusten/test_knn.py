@@ -55,7 +55,7 @@ def test_chunking_gives_same_result(monkeypatch):
     g = torch.Generator().manual_seed(2)
     query, database = torch.randint(0, 8, (2, 40, 2), generator=g).float(), torch.randint(0, 8, (2, 25, 2), generator=g).float()
     whole = clusten.knn(query, database, 6, return_dist=True)
-    monkeypatch.setattr(knn_search, "CHUNK_PAIRS", 60)  # one query per chunk
+    monkeypatch.setattr(knn_search, "CHUNK_PAIRS_CPU", 60)  # one query per chunk
     chunked = clusten.knn(query, database, 6, return_dist=True)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 

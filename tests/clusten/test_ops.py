@@ -195,3 +195,15 @@ def test_torch_compile_traces_custom_ops():
     torch.testing.assert_close(out, attention(*args))
     out.sum().backward()
     assert args[0].grad is not None and args[1].grad is not None
+
+
+def test_primitives_pass_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the custom ops agree."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, N, 2, C, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, N, M, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, N_SRC, C, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, N_SRC, (2, N, M), generator=g)
+    torch.library.opcheck(torch.ops.clusten.gather_dot, (x, y, idx))
+    torch.library.opcheck(torch.ops.clusten.gather_sum, (w, y, idx))
+    torch.library.opcheck(torch.ops.clusten.scatter_sum, (w, x, idx, N_SRC))
