@@ -17,13 +17,12 @@ import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from aff_seg import add_maskformer2_config
-from aff_seg.training import Trainer, launch, resolve_dist_backend
+from aff_seg.training import Trainer, launch, resolve_dist_backend, setup_run
 
 
 def build_cfg(args):
@@ -38,8 +37,7 @@ def build_cfg(args):
 
 def setup(args):
     cfg = build_cfg(args)
-    default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aff_seg")
+    setup_run(cfg, args)
     return cfg
 
 

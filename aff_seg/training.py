@@ -19,6 +19,7 @@ What it adds to ``DefaultTrainer``:
 import contextlib
 import datetime
 import logging
+import operator
 import os
 import random
 import weakref
@@ -30,7 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
-from detectron2.data.build import build_batch_data_loader
+from detectron2.data.build import worker_init_reset_seed
+from detectron2.data.common import AspectRatioGroupedDataset, ToIterableDataset
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
@@ -43,7 +45,7 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.dataset_mappers import build_train_mapper
 from .evaluation import SemanticSegmentorWithTTA
@@ -57,6 +59,7 @@ __all__ = [
     "IterationSeed",
     "launch",
     "resolve_dist_backend",
+    "setup_run",
 ]
 
 _SEED_MODULUS = 2**31
@@ -162,14 +165,30 @@ def build_train_loader(cfg, start_iter=0, mapper=None, seed=None):
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
     stream = _AugmentedStream(dataset_dicts, mapper, seed)
-    positions = _StreamPositions(start_iter * cfg.SOLVER.IMS_PER_BATCH, comm.get_rank(), comm.get_world_size())
-    return build_batch_data_loader(
-        stream,
-        positions,
-        cfg.SOLVER.IMS_PER_BATCH,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+    world_size = comm.get_world_size()
+    total_batch = cfg.SOLVER.IMS_PER_BATCH
+    if total_batch % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={total_batch} is not divisible by the {world_size} processes")
+    positions = _StreamPositions(start_iter * total_batch, comm.get_rank(), world_size)
+    # detectron2's build_batch_data_loader, plus a generator of the loader's own: otherwise
+    # starting the loader draws from the global torch RNG (the step's seeded RNG on a resume)
+    loader = DataLoader(
+        ToIterableDataset(stream, positions),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=operator.itemgetter(0),  # single dicts; batched below
+        worker_init_fn=worker_init_reset_seed,
+        generator=torch.Generator().manual_seed(_mix_seed(seed, comm.get_rank(), 3)),
     )
+    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        return AspectRatioGroupedDataset(loader, total_batch // world_size)
+    return _batched(loader, total_batch // world_size)
+
+
+def _batched(iterable, batch_size):
+    """Endless lists of ``batch_size`` consecutive items."""
+    iterator = iter(iterable)
+    while True:
+        yield [next(iterator) for _ in range(batch_size)]
 
 
 class IterationSeed(HookBase):
@@ -280,6 +299,18 @@ class Trainer(DefaultTrainer):
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
 
+    def state_dict(self):
+        # detectron2 0.6 checkpoints only the iteration and hook states; the optimizer (AdamW
+        # moments, current learning rates) and the fp16 grad scaler live in the step trainer
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
     def build_hooks(self):
         hooks = super().build_hooks()
         if self.cfg.SEED >= 0:
@@ -317,6 +348,48 @@ class Trainer(DefaultTrainer):
 
 # ---------------------------------------------------------------------------------------------
 # processes
+
+
+def _environment_summary():
+    import platform
+
+    import detectron2
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, detectron2 {detectron2.__version__} "
+        f"(without its C++ extension: {detectron2.__file__}), {device}, {torch.get_num_threads()} CPU threads"
+    )
+
+
+def setup_run(cfg, args):
+    """detectron2's ``default_setup`` for this project: loggers (to ``OUTPUT_DIR/log.txt``, per
+    rank), the arguments and full config logged, ``config.yaml`` saved, RNGs seeded with
+    ``SEED + rank`` (``SEED < 0``: random).
+
+    It differs in one point: the environment summary does not come from detectron2's
+    ``collect_env_info``, which needs the C++ extension this installation lacks.
+    """
+    from detectron2.utils.env import seed_all_rng
+
+    output_dir = cfg.OUTPUT_DIR
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank, name="aff_seg")
+    logger = setup_logger(output_dir, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info(f"Environment: {_environment_summary()}")
+    logger.info(f"Command line arguments: {args}")
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        with open(path, "w") as f:
+            f.write(cfg.dump())
+        logger.info(f"Running with full config:\n{cfg.dump()}\nsaved to {path}")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 

@@ -20,6 +20,7 @@ that the CUDA build of torch installs, and ``TORCH_CUDA_ARCH_LIST`` defaults to
 import glob
 import logging
 import os
+import shutil
 import threading
 
 import torch
@@ -85,21 +86,13 @@ def cuda_home():
         if os.environ.get(key):
             return os.environ[key]
     candidates = ["/usr/local/cuda"]
-    nvcc = _which("nvcc")
+    nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for folder in candidates:
         if os.path.isfile(os.path.join(folder, "bin", "nvcc")) and os.path.isdir(os.path.join(folder, "include")):
             return folder
     raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to a folder with bin/nvcc")
-
-
-def _which(program):
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        path = os.path.join(folder, program)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
 
 
 def nvidia_include_dirs():
@@ -142,6 +135,7 @@ def load_extension(build_directory=None, verbose=False):
 
 def _compile(build_directory, verbose):
     home = cuda_home()
+    # torch.utils.cpp_extension reads these from the environment.
     os.environ.setdefault("CUDA_HOME", home)
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
@@ -162,7 +156,7 @@ def _compile(build_directory, verbose):
         sources=[os.path.join(CSRC, source) for source in SOURCES],
         extra_include_paths=[CSRC] + nvidia_include_dirs(),
         extra_cflags=flags,
-        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"],
+        extra_cuda_cflags=flags + ["-lineinfo"],
         build_directory=build_directory,
         verbose=verbose,
     )

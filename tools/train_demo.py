@@ -56,7 +56,8 @@ def constant_prediction_miou(dataset_name, class_id):
     evaluator = SemSegEvaluator(dataset_name, distributed=False)
     evaluator.reset()
     for record in DatasetCatalog.get(dataset_name):
-        scores = torch.zeros(num_classes, record["height"], record["width"])
+        width, height = Image.open(record["sem_seg_file_name"]).size
+        scores = torch.zeros(num_classes, height, width)
         scores[class_id] = 1.0
         evaluator.process([record], [{"sem_seg": scores}])
     return evaluator.evaluate()["sem_seg"]["mIoU"]
@@ -71,7 +72,7 @@ def visualise(model, cfg, dataset_name, folder, count):
     for record in DatasetCatalog.get(dataset_name)[:count]:
         image = read_image(record["file_name"], format="RGB")
         with torch.no_grad():
-            inputs = {"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": image.shape[0], "width": image.shape[1]}
+            inputs = {"image": torch.as_tensor(image.transpose(2, 0, 1).copy())}
             prediction = model([inputs])[0]["sem_seg"].argmax(dim=0).cpu()
         truth = np.asarray(Image.open(record["sem_seg_file_name"]))
         panels = [image]
@@ -90,9 +91,15 @@ def main(argv=None):
     parser.add_argument("--num-train", type=int, default=48)
     parser.add_argument("--num-val", type=int, default=16)
     parser.add_argument("--num-vis", type=int, default=4)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads; the model is so small that one thread is fastest, and far faster "
+        "than several on a loaded machine",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     start = time.time()
+    torch.set_num_threads(args.threads)
 
     root = os.path.join(args.output_dir, "datasets")
     make_synthetic_datasets(root, datasets=("ade20k",), num_train=args.num_train, num_val=args.num_val, seed=0)

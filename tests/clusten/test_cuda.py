@@ -122,3 +122,17 @@ def test_knn_cuda_matches_cpu():
     cpu_idx, cpu_dist = clusten.knn(query, database, 9, return_dist=True)
     gpu_idx, gpu_dist = clusten.knn(query.cuda(), database.cuda(), 9, return_dist=True)
     assert torch.equal(gpu_idx.cpu(), cpu_idx) and torch.equal(gpu_dist.cpu(), cpu_dist)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_output_elements(monkeypatch):
+    """64-bit indexing: an output of 2^31 + 2^24 elements (about 4.3 GB in float16)."""
+    monkeypatch.setenv(build.BACKEND_ENV, "cuda")
+    n, c = (1 << 23) + (1 << 16), 256
+    feat = torch.randn(1, 1024, c, device="cuda", dtype=torch.float16)
+    idx = torch.randint(0, 1024, (1, n, 2), device="cuda")
+    weights = torch.rand(1, n, 2, device="cuda", dtype=torch.float16)
+    out = clusten.weighted_gather(idx, weights, feat)
+    for i in (0, n // 2, n - 1):
+        expected = (weights[0, i, :, None].float() * feat[0, idx[0, i]].float()).sum(0)
+        torch.testing.assert_close(out[0, i].float(), expected, rtol=1e-2, atol=1e-2)

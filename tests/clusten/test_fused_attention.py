@@ -251,9 +251,11 @@ def test_triton_op_autograd_and_strided_inputs(kernels, monkeypatch):
     b, n, h, c, m = 1, 18, 2, 8, 48
     base = _inputs(b=b, h=h, n=n, c=c, m=m, dtype=torch.float32, seed=12, device=DEVICE)
     kv = torch.randn(b, n, h, 2, c, device=DEVICE)
+    # The bias as a per-(query, neighbour) Linear(5, h) would produce it: b x n x m x h, viewed head-first.
+    bias = base["bias"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     inputs = dict(base, query=base["query"].transpose(1, 2).contiguous().transpose(1, 2),
-                  key=kv[:, :, :, 0].transpose(1, 2), value=kv[:, :, :, 1].transpose(1, 2))
-    assert not inputs["key"].is_contiguous()
+                  key=kv[:, :, :, 0].transpose(1, 2), value=kv[:, :, :, 1].transpose(1, 2), bias=bias)
+    assert not inputs["key"].is_contiguous() and not inputs["bias"].is_contiguous()
     grad_out = torch.randn(b, h, n, c, device=DEVICE)
     calls = []
     for name in ("forward", "backward"):

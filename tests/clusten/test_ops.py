@@ -117,7 +117,7 @@ def test_gradgradcheck(op):
 @pytest.mark.parametrize("op", OPS)
 def test_index_inputs_get_no_gradient(op):
     args = make_inputs(op)
-    sum(getattr(clusten, op)(*args).sum() for _ in range(1)).backward()
+    getattr(clusten, op)(*args).sum().backward()
     for a in args:
         if a.is_floating_point():
             assert a.grad is not None and a.grad.abs().sum() > 0

@@ -74,6 +74,17 @@ def tiny_cfg(task, output_dir, *extra):
     return cfg
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tiny models run fastest on one thread (several threads thrash on a loaded machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("training_datasets"))
