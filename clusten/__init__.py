@@ -8,13 +8,18 @@ Public ops (argument order of the original autograd functions):
 - ``weighted_gather(nbhd_idx, weights, feat)``: ``b x n x k``, ``b x n x k``, ``b x n_ x c`` -> ``b x n x c``
 - ``msdetrpc(nn_idx, nn_weight, attn, value)``: ``b x n x m x k`` (x2), ``b x n x m``, ``b x n_ x c`` -> ``b x n x c``
 - ``knn(query, database, k, return_dist=False)``: ``b x n x d``, ``b x n_ x d`` -> ``b x n x k`` int64
+  (``brute_force_knn`` and the 2-D ``grid_knn`` give the same results)
+- ``cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)``: the fused
+  cluster attention (Triton on CUDA, a PyTorch twin elsewhere), see :mod:`clusten.fused`
 
 CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
 ``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
 """
-from .knn_search import knn
+from .fused import cluster_attention, grid_knn
+from .knn_search import brute_force_knn, knn
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
-__all__ = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn"]
-from .fused import cluster_attention, grid_knn  # noqa: E402  (fused attention and grid KNN, clusten/fused)
-__all__ += ["cluster_attention", "grid_knn"]
+__all__ = [
+    "clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn",
+    "brute_force_knn", "grid_knn", "cluster_attention",
+]

@@ -14,6 +14,16 @@ from .validation import check
 # fewer, larger launches (about 0.5 GB of temporaries).
 CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
+# 2-D searches with more query x database pairs than this go to the exact grid search
+# (clusten.fused.grid_knn: same results); below it brute force is as fast.
+GRID_SEARCH_PAIRS = 1 << 22
+
+
+def _check(query, database, k):
+    s = check("knn", [("query", query, "b n d", "float"), ("database", database, "b n_ d", "float")])
+    if not isinstance(k, int) or not 1 <= k <= s["n_"]:
+        raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
+    return s
 
 
 @torch.no_grad()
@@ -28,10 +38,22 @@ def knn(query, database, k, return_dist=False):
     Returns:
         ``b x n x k`` int64 database indices, nearest first (ties: lower index first), and, if
         ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
+
+    Large 2-D searches use the exact grid search (``clusten.grid_knn``), the others
+    ``brute_force_knn``; both give identical results.
     """
-    s = check("knn", [("query", query, "b n d", "float"), ("database", database, "b n_ d", "float")])
-    if not isinstance(k, int) or not 1 <= k <= s["n_"]:
-        raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
+    s = _check(query, database, k)
+    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS:
+        from .fused.grid_knn import grid_knn
+
+        return grid_knn(query, database, k, return_dist)
+    return brute_force_knn(query, database, k, return_dist)
+
+
+@torch.no_grad()
+def brute_force_knn(query, database, k, return_dist=False):
+    """``knn`` by chunked brute force over all pairs (the reference; any dimension d)."""
+    s = _check(query, database, k)
     b, n, n_db = s["b"], s["n"], s["n_"]
     # float32 positions, float64 arithmetic, one b x d x n row per axis (unit stride).
     q = query.detach().float().double().transpose(1, 2).contiguous()

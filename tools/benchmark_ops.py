@@ -79,7 +79,21 @@ def op_cases(s, device, dtype):
                                                 _rand(b * 8, nd, 12, 4, **f), _rand(b * 8, nd, 12, **f),
                                                 _rand(b * 8, nd, 32, **f))),
         "attention_chain": (original_attention_chain, lambda: chain_inputs(s, device, dtype)),
+        # the same attention through the fused op (bias given per neighbour, as the backbone does)
+        "fused_attention": (clusten.cluster_attention, lambda: fused_inputs(s, device, dtype)),
     }
+
+
+def fused_inputs(s, device, dtype):
+    b, n, h, c, m = s["b"], s["n1"], s["heads"], s["head_dim"], s["nbhd"]
+    f = dict(device=device, dtype=dtype)
+    return (
+        _rand(b, h, n, c, **f), _rand(b, h, n, c, **f), _rand(b, h, n, c, **f),
+        _index(n, b, n, m, device=device),
+        _rand(b, h, n, m, **f),  # relative-position bias
+        (torch.rand(b, n, m, device=device) > 0.1).to(dtype),  # cluster mask
+        _rand(h, c, **f), _rand(h, c, **f),  # blank_k, blank_v
+    )
 
 
 def chain_inputs(s, device, dtype):
@@ -187,9 +201,10 @@ def run(device, dtype, small, repeat, ops):
                                  fwd_ms=fwd, bwd_ms=bwd, peak_mib=peak))
         if not ops or "knn" in ops:
             pixels, tokens = knn_case(s, device)
-            fwd, _, peak = measure(lambda: clusten.knn(pixels, tokens, 4), lambda: (), device, repeat, backward=False)
-            rows.append(dict(shapes=set_name, op="knn (pixels->res3, k=4)", impl="torch", dtype="float32",
-                             fwd_ms=fwd, bwd_ms=None, peak_mib=peak))
+            for impl, search in (("brute force", clusten.brute_force_knn), ("grid", clusten.grid_knn)):
+                fwd, _, peak = measure(lambda: search(pixels, tokens, 4), lambda: (), device, repeat, backward=False)
+                rows.append(dict(shapes=set_name, op="knn (pixels->res3, k=4)", impl=impl, dtype="float32",
+                                 fwd_ms=fwd, bwd_ms=None, peak_mib=peak))
     return rows
 
 

@@ -10,7 +10,7 @@ forward + backward, milliseconds and peak memory, for
   clusten_av, + blank value), i.e. the clusten ops as the original calls them;
 - ``fused``: :func:`clusten.cluster_attention`.
 KNN: ``--knn-queries`` query points on a square canvas against a quarter-density token subset,
-for k = 2, 4, 6, 9, brute force (:func:`clusten.knn`) against :func:`clusten.grid_knn`.
+for k = 2, 4, 6, 9, brute force (:func:`clusten.brute_force_knn`) against :func:`clusten.grid_knn`.
 """
 import argparse
 import math
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..knn_search import knn
+from ..knn_search import brute_force_knn
 from ..ops import clusten_av, clusten_qk
 from . import attention
 from .grid_knn import grid_knn
@@ -123,7 +123,7 @@ def bench_knn(args, device):
     tokens = pixels[:, torch.randperm(pixels.shape[1], device=device)[: pixels.shape[1] // 4]]
     print(f"\nknn: {pixels.shape[1]} queries (canvas {side}^2) -> {tokens.shape[1]} tokens, {device}")
     for k in (2, 4, 6, 9):
-        brute_ms, _ = timed(lambda: knn(pixels, tokens, k), device, args.repeat)
+        brute_ms, _ = timed(lambda: brute_force_knn(pixels, tokens, k), device, args.repeat)
         grid_ms, _ = timed(lambda: grid_knn(pixels, tokens, k), device, args.repeat)
         same = torch.equal(knn(pixels, tokens, k), grid_knn(pixels, tokens, k))
         print(f"k={k}: brute force {brute_ms:9.2f} ms, grid {grid_ms:8.2f} ms, x{brute_ms / grid_ms:.1f}, "

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import clusten
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,9 +24,27 @@ def test_small_cpu_run_writes_json(bench, tmp_path, capsys):
     path = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--small", "--repeat", "1", "--ops", "clusten_av", "knn", "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
-    assert [r["op"] for r in rows] == ["clusten_av", "knn (pixels->res3, k=4)"]
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("clusten_av", "torch"), ("knn (pixels->res3, k=4)", "brute force"), ("knn (pixels->res3, k=4)", "grid")
+    ]
     assert rows[0]["impl"] == "torch" and rows[0]["fwd_ms"] > 0 and rows[0]["bwd_ms"] > 0
     assert "clusten_av" in capsys.readouterr().out
+
+
+def test_fused_attention_row_computes_the_chain(bench):
+    """The fused row and the original chain are the same attention (same bias and mask)."""
+    s = bench.tiny_sizes(32, 32, 1)
+    s["nbhd"] = 5
+    q, k, v, idx, pe_idx, mask, table, pe_w, pe_b, blank_k, blank_v = bench.chain_inputs(
+        s, torch.device("cpu"), torch.float64)
+    b, h, n, c = q.shape
+    bias = (table @ pe_w.T + pe_b)[pe_idx].permute(0, 3, 1, 2)  # b x h x n x m
+    fused = bench.fused_inputs(s, torch.device("cpu"), torch.float64)
+    assert [tuple(t.shape) for t in fused] == [
+        tuple(t.shape) for t in (q, k, v, idx, bias, mask, blank_k.view(h, c), blank_v.view(h, c))]
+    out = clusten.cluster_attention(q, k, v, idx, bias, mask, blank_k.view(h, c), blank_v.view(h, c))
+    chain = bench.original_attention_chain(q, k, v, idx, pe_idx, mask, table, pe_w, pe_b, blank_k, blank_v)
+    torch.testing.assert_close(out, chain)
 
 
 def test_attention_chain_is_the_original_formula(bench):

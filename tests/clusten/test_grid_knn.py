@@ -1,9 +1,9 @@
-"""clusten.grid_knn (cell-bucketed KNN) must return exactly what the brute-force clusten.knn returns."""
+"""clusten.grid_knn (cell-bucketed KNN) must return exactly what the brute-force clusten.brute_force_knn returns."""
 import pytest
 import torch
 
 from clusten.fused import grid_knn
-from clusten import knn
+from clusten import brute_force_knn as knn
 
 
 def _lattice(width, height):

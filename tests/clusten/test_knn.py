@@ -1,4 +1,6 @@
 """clusten.knn against brute force, including exact ties (lower database index first)."""
+import importlib
+
 import pytest
 import torch
 
@@ -71,3 +73,25 @@ def test_no_gradient_and_half_positions():
 def test_bad_k_is_named():
     with pytest.raises(ValueError, match="k must be"):
         clusten.knn(torch.rand(1, 4, 2), torch.rand(1, 3, 2), 4)
+
+
+def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypatch):
+    grid_module = importlib.import_module("clusten.fused.grid_knn")
+    calls = []
+    real_grid = grid_module.grid_knn
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "grid_knn", spy)
+    monkeypatch.setattr(knn_search, "GRID_SEARCH_PAIRS", 100)
+    g = torch.Generator().manual_seed(3)
+    database = torch.randint(0, 40, (2, 300, 2), generator=g).float()
+    query = torch.randint(-5, 45, (2, 200, 2), generator=g).float()
+    idx, dist = clusten.knn(query, database, 4, return_dist=True)
+    assert calls, "knn did not use the grid search above GRID_SEARCH_PAIRS"
+    ref_idx, ref_dist = clusten.brute_force_knn(query, database, 4, return_dist=True)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+    assert clusten.knn(query[:, :5], database[:, :10], 4).shape == (2, 5, 4)  # small: brute force
+    assert len(calls) == 1
