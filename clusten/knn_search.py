@@ -43,7 +43,8 @@ def knn(query, database, k, return_dist=False):
     ``brute_force_knn``; both give identical results.
     """
     s = _check(query, database, k)
-    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS:
+    # the grid search sizes its rounds on the host: not inside a captured graph
+    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS and not torch.compiler.is_compiling():
         from .fused.grid_knn import grid_knn
 
         return grid_knn(query, database, k, return_dist)
@@ -85,20 +86,18 @@ def _squared_distances(q, db):
 def _k_smallest(sq, k):
     """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``), and their values.
 
-    A topk finds the k-th smallest value; it is right as it stands unless more entries tie at
-    that value than it took, and only those rows are redone: every strictly smaller entry is
-    taken, then the tied ones lowest index first. The k are finally ordered by (value, index).
+    A topk finds the k-th smallest value v; every entry below v is taken, then the entries equal
+    to v lowest index first until there are k.  Both steps are whole-tensor ops with static
+    shapes (no host-device synchronisation), so the search can be captured by CUDA graphs.
+    The k are finally ordered by (value, index).
     """
-    values, chosen = sq.topk(k, dim=-1, largest=False, sorted=True)
-    kth = values[..., -1:]
-    ambiguous = ((sq == kth).sum(-1) > (values == kth).sum(-1)).nonzero(as_tuple=True)
-    if ambiguous[0].numel():
-        rows = sq[ambiguous]
-        tied = rows == kth[ambiguous]
-        room = k - (rows < kth[ambiguous]).sum(-1, keepdim=True)
-        take = (rows < kth[ambiguous]) | (tied & (tied.cumsum(-1) <= room))
-        chosen[ambiguous] = take.nonzero()[:, -1].view(-1, k)  # exactly k per row, ascending index
-    chosen = chosen.sort(dim=-1).values
+    kth = sq.topk(k, dim=-1, largest=False, sorted=True).values[..., -1:]
+    below = sq < kth
+    tied = sq == kth
+    room = k - below.sum(-1, keepdim=True)
+    take = below | (tied & (tied.cumsum(-1) <= room))  # exactly k per row
+    index = torch.arange(sq.shape[-1], device=sq.device)
+    chosen = torch.where(take, index, index + sq.shape[-1]).topk(k, dim=-1, largest=False, sorted=True).values
     chosen_sq = sq.gather(-1, chosen)
     order = torch.sort(chosen_sq, dim=-1, stable=True).indices
     return chosen.gather(-1, order), chosen_sq.gather(-1, order)
