@@ -6,7 +6,9 @@ inside site-packages; each fix is a no-op where the library already behaves.
 1. Pillow >= 10 removed ``PIL.Image.LINEAR``; ``detectron2.data.transforms`` reads it at
    import time.  It is aliased to ``BILINEAR`` (the same filter).
 2. numpy >= 1.24 removed the ``np.int``/``np.float``/``np.str``/``np.object`` aliases of the
-   builtins; ``SemSegEvaluator`` and ``detectron2.data.build`` use them.
+   builtins; ``SemSegEvaluator`` and ``detectron2.data.build`` use them.  numpy 2.4 removed
+   ``np.in1d``, which cityscapesscripts' instance evaluation calls: it is ``isin`` on the
+   flattened first argument.
 3. The pb1-detectron2 sdist has no C++ sources, so ``detectron2._C`` does not exist and the
    modules that import it at import time fail.  A stub module takes its place; calling any
    of its functions raises an error that says which pure-Python path to use instead.
@@ -48,10 +50,16 @@ def _fix_pillow():
         Image.LINEAR = Image.BILINEAR
 
 
+def _in1d(ar1, ar2, assume_unique=False, invert=False):
+    return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
+
+
 def _fix_numpy():
     for name, builtin in _NUMPY_ALIASES.items():
         if name not in vars(np):  # vars(): getattr would trigger numpy's deprecation warnings
             setattr(np, name, builtin)
+    if "in1d" not in vars(np):
+        np.in1d = _in1d
 
 
 def _fix_detectron2_c():

@@ -49,7 +49,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.dataset_mappers import build_train_mapper
 from .evaluation import SemanticSegmentorWithTTA
-from .modeling import backbone_resnet  # noqa: F401  (registers D2ResNetTokens for the R50 configs)
 from .solver import MixedPrecisionTrainer, build_lr_scheduler, build_optimizer
 
 __all__ = [

@@ -91,16 +91,15 @@ _D2_REGISTRATIONS = (
 
 # name prefix -> (how to make the real data, ``make_synthetic_datasets`` dataset or None)
 _HOW_TO_CREATE = {
-    "ade20k_": ("download ADEChallengeData2016 and run detectron2's "
-                "datasets/prepare_ade20k_sem_seg.py", "ade20k"),
+    "ade20k_": ("download ADEChallengeData2016 and run tools/datasets/prepare_ade20k_sem_seg.py",
+                "ade20k"),
     "coco_": ("download COCO 2017 images with the instances and panoptic annotations, then run "
-              "Mask2Former's datasets/prepare_coco_semantic_annos_from_panoptic_annos.py for "
+              "tools/datasets/prepare_coco_semantic_annos_from_panoptic_annos.py for "
               "panoptic_semseg_*", "coco"),
-    "cityscapes_": ("download leftImg8bit and gtFine, then run cityscapesscripts' "
-                    "createTrainIdLabelImgs.py and createPanopticImgs.py", "cityscapes"),
-    "lvis_": ("download the LVIS json files (and COCO images); for the cocofied ones run "
-              "prepare_cocofied_lvisv1.py or detectron2's datasets/prepare_cocofied_lvis.py",
-              None),
+    "cityscapes_": ("download leftImg8bit and gtFine, then run tools/datasets/prepare_cityscapes.py "
+                    "(cityscapesscripts' own converters)", "cityscapes"),
+    "lvis_": ("download the LVIS json files (and COCO images); for lvis_v1_val_cocofied run "
+              "tools/datasets/prepare_cocofied_lvisv1.py", None),
 }
 # the folders the standard datasets occupy directly under the root
 _TOP_FOLDERS = ("ADEChallengeData2016", "coco", "cityscapes", "lvis")

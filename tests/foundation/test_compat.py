@@ -80,3 +80,13 @@ def test_importing_aff_seg_applies_every_fix_before_detectron2():
     )
     out = _run(code)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_in1d_for_cityscapesscripts():
+    """numpy 2.4 removed ``np.in1d``; cityscapesscripts' instance evaluation calls it."""
+    probe = "import numpy as np\nprint(np.in1d(np.array([[1, 2], [3, 4]]), [2, 3]).tolist())"
+    without = _run(probe)
+    assert without.returncode != 0 and "in1d" in without.stderr
+    with_fix = _run(PRELUDE + "compat.apply()\n" + probe)
+    assert with_fix.returncode == 0, with_fix.stderr[-2000:]
+    assert with_fix.stdout.strip() == "[False, True, True, False]"

@@ -103,38 +103,3 @@ def registered_root(synthetic_root, monkeypatch):
     register_standard_datasets(synthetic_root)
     yield synthetic_root
     register_standard_datasets(default_root)
-
-
-def _register_cityscapes_instances_from_png():
-    """``<standard name>_png``: the Cityscapes instance splits read from the instanceIds PNGs.
-
-    detectron2's registered names read the polygon json files, which needs shapely (not a
-    dependency of this project); the PNG route gives the same instances without it.
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets.cityscapes import load_cityscapes_instances
-
-    names = []
-    for split in ("train", "val"):
-        standard = f"cityscapes_fine_instance_seg_{split}"
-        meta = MetadataCatalog.get(standard)
-        name = standard + "_png"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name,
-            lambda d=meta.image_dir, g=meta.gt_dir: load_cityscapes_instances(d, g, from_json=False, to_polygons=False),
-        )
-        MetadataCatalog.get(name).set(
-            **{k: v for k, v in meta.as_dict().items() if k != "name"}
-        )
-        names.append(name)
-    return names
-
-
-@pytest.fixture
-def cityscapes_instance_opts(registered_root):
-    """Overrides that train and test on the PNG-read Cityscapes instance splits."""
-    train, val = _register_cityscapes_instances_from_png()
-    return ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]

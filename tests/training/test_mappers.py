@@ -55,8 +55,8 @@ def test_semantic_mapper_pads_and_makes_one_mask_per_class(registered_root, tmp_
         assert torch.equal(mask.bool(), sem_seg == c)
 
 
-def test_instance_mapper(cityscapes_instance_opts, tmp_path):
-    cfg = tiny_cfg("cityscapes_instance", tmp_path, "INPUT.SIZE_DIVISIBILITY", "32", *cityscapes_instance_opts)
+def test_instance_mapper(registered_root, tmp_path):
+    cfg = tiny_cfg("cityscapes_instance", tmp_path, "INPUT.SIZE_DIVISIBILITY", "32")
     mapper = build_train_mapper(cfg)
     assert isinstance(mapper, MaskFormerInstanceDatasetMapper)
     _, out = map_first(cfg, mapper)

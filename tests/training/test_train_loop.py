@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase
@@ -38,20 +37,9 @@ def train(cfg, resume=False, extra_hooks=()):
     return trainer
 
 
-# cityscapesscripts' instance evaluation calls np.in1d, which numpy 2.4 removed (an alias to
-# np.isin belongs in aff_seg.compat); until then these runs fail in the evaluator, as expected
-_NEEDS_IN1D = pytest.mark.xfail(
-    not hasattr(np, "in1d"), raises=AttributeError, strict=True,
-    reason="cityscapesscripts uses np.in1d, removed in numpy 2.4",
-)
-
-
-@pytest.mark.parametrize("task", [
-    pytest.param(task, marks=_NEEDS_IN1D) if task.startswith("cityscapes") else task for task in sorted(TASKS)
-])
-def test_quick_schedule_trains_checkpoints_and_evaluates(task, registered_root, request, tmp_path):
-    extra = request.getfixturevalue("cityscapes_instance_opts") if task == "cityscapes_instance" else []
-    cfg = tiny_cfg(task, tmp_path, *extra)
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_quick_schedule_trains_checkpoints_and_evaluates(task, registered_root, tmp_path):
+    cfg = tiny_cfg(task, tmp_path)
     trainer = train(cfg)
 
     assert os.path.isfile(tmp_path / "model_final.pth")
