@@ -8,7 +8,7 @@ install:
 	bash tools/install.sh
 
 demo: install
-	$(PY) tools/main_job.py
+	$(PY) tools/train_demo.py
 
 test: install
 	$(PY) -m pytest -q
