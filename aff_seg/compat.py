@@ -15,8 +15,12 @@ inside site-packages; each fix is a no-op where the library already behaves.
 4. ``detectron2/export/__init__.py`` imports caffe2, which torch 2 no longer ships, so
    ``detectron2.utils.analysis`` (FLOP counting) cannot import.  The package is registered
    without running that ``__init__``, exposing its caffe2-free ``TracingAdapter``.
+5. cityscapesscripts' instance evaluation writes its matches with ``json.dumps(default=lambda
+   o: o.__dict__)``; with numpy 2 those hold numpy scalars, which have no ``__dict__``.  Its
+   ``writeDict2JSON`` is replaced by one that also writes numpy scalars.
 """
 import importlib.util
+import json
 import sys
 import types
 
@@ -89,9 +93,29 @@ def _fix_detectron2_export():
     package.TracingAdapter = TracingAdapter
 
 
+def _write_dict_to_json(dict_name, file_name):
+    """cityscapesscripts' ``writeDict2JSON``, also for numpy scalars."""
+    def encode(o):
+        return o.item() if isinstance(o, np.generic) else o.__dict__
+
+    with open(file_name, "w") as f:
+        f.write(json.dumps(dict_name, default=encode, sort_keys=True, indent=4))
+
+
+def _fix_cityscapesscripts_json():
+    try:
+        from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as instance_eval
+        from cityscapesscripts.helpers import csHelpers
+    except ImportError:  # cityscapesscripts is optional for the rest of detectron2
+        return
+    csHelpers.writeDict2JSON = _write_dict_to_json
+    instance_eval.writeDict2JSON = _write_dict_to_json  # bound there by a star import
+
+
 def apply():
     """Apply every fix (idempotent).  The export fix imports detectron2 modules: it goes last."""
     _fix_pillow()
     _fix_numpy()
     _fix_detectron2_c()
     _fix_detectron2_export()
+    _fix_cityscapesscripts_json()

@@ -125,7 +125,7 @@ def bench_knn(args, device):
     for k in (2, 4, 6, 9):
         brute_ms, _ = timed(lambda: brute_force_knn(pixels, tokens, k), device, args.repeat)
         grid_ms, _ = timed(lambda: grid_knn(pixels, tokens, k), device, args.repeat)
-        same = torch.equal(knn(pixels, tokens, k), grid_knn(pixels, tokens, k))
+        same = torch.equal(brute_force_knn(pixels, tokens, k), grid_knn(pixels, tokens, k))
         print(f"k={k}: brute force {brute_ms:9.2f} ms, grid {grid_ms:8.2f} ms, x{brute_ms / grid_ms:.1f}, "
               f"identical: {same}")
 

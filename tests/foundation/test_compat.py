@@ -30,6 +30,12 @@ CASES = {
         "has no attribute 'int'",
     ),
     "_fix_detectron2_c": ("import detectron2.layers", "cannot import name '_C'"),
+    "_fix_cityscapesscripts_json": (
+        "import os, tempfile, numpy as np\n"
+        "from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as e\n"
+        "e.writeDict2JSON({'pixelCount': np.int64(3)}, os.path.join(tempfile.mkdtemp(), 'm.json'))",
+        "has no attribute '__dict__'",
+    ),
     "_fix_detectron2_export": (
         "from detectron2.utils.analysis import FlopCountAnalysis\nfrom detectron2.export import TracingAdapter",
         "No module named 'caffe2'",

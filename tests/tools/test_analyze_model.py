@@ -93,9 +93,11 @@ def test_tiny_model_cli(analyze_model, tiny_config, tmp_path):
                             "--use-fixed-input-size", "--json", str(path), *flag, *opts])
         results[bool(flag)] = json.loads(path.read_text())
     counted, excluded = results[False], results[True]
-    custom = sum(counted["gflops_by_operator"][k] for k in ("gather_dot", "gather_sum", "knn"))
+    custom_ops = {"gather_dot", "gather_sum", "scatter_sum", "cluster_attention_fwd", "knn"}
+    assert {"cluster_attention_fwd", "gather_sum", "knn"} <= set(counted["gflops_by_operator"])
+    custom = sum(v for k, v in counted["gflops_by_operator"].items() if k in custom_ops)
     assert counted["gflops"] > excluded["gflops"]
     assert counted["gflops"] - excluded["gflops"] == pytest.approx(custom)
-    assert not {"gather_dot", "gather_sum", "knn"} & set(excluded["gflops_by_operator"])
+    assert not custom_ops & set(excluded["gflops_by_operator"])
     model = analyze_model.build_loaded_model(analyze_model.setup_cfg(config, opts))
     assert counted["parameters"] == sum(p.numel() for p in model.parameters())
