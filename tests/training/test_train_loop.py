@@ -134,3 +134,30 @@ def test_eval_only_reproduces_the_final_evaluation(gloo_run, synthetic_root, tmp
                       *tiny_opts("ade20k_semantic", tmp_path, "MODEL.WEIGHTS", out / "model_final.pth")],
                      synthetic_root)
     assert _copypaste_metrics(log) == _copypaste_metrics((out / "log.txt").read_text())
+
+
+class _LossRecorder(HookBase):
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("total_loss").latest())
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_training_follows_fp32(precision, registered_root, tmp_path):
+    """The full model under autocast learns like the fp32 run on the semantic quick schedule."""
+    curves = {}
+    for name, amp in (("fp32", []), (precision, ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision])):
+        recorder = _LossRecorder()
+        train(tiny_cfg("ade20k_semantic", tmp_path / name, "SOLVER.MAX_ITER", 80, "TEST.EVAL_PERIOD", 0, *amp),
+              extra_hooks=[recorder])
+        curves[name] = recorder.losses
+    fp32, low = curves["fp32"], curves[precision]
+    assert len(low) == len(fp32) == 80 and all(math.isfinite(x) for x in low)
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    assert mean(low[-10:]) < 0.85 * mean(low[:5]), low  # it learns
+    assert abs(mean(low[-10:]) - mean(fp32[-10:])) < 0.15 * mean(fp32[-10:]), (low[-10:], fp32[-10:])
