@@ -4,11 +4,16 @@ Every mapper turns one detectron2 dataset dict into ``{"image": 3 x H x W uint8 
 "instances": Instances(gt_classes: k, gt_masks: k x H x W bool/uint8), ...}``; what differs is
 where the k segments come from (a label map, annotations or a panoptic PNG).
 """
+import copy
+import logging
+
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.data import transforms as T
+from detectron2.data.detection_utils import check_image_size, read_image
 from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
@@ -76,6 +81,43 @@ def large_scale_jitter_augmentations(cfg):
     )
     augs.append(T.FixedSizeCrop(crop_size=(size, size), pad_value=IMAGE_PAD_VALUE))
     return augs
+
+
+class LargeScaleJitterMapper:
+    """What the two LSJ mappers (``coco_instance_lsj``, ``coco_panoptic_lsj``) share: read the
+    image, apply the large-scale-jitter augmentations; subclasses add their targets."""
+
+    @configurable
+    def __init__(self, is_train=True, *, tfm_gens, image_format):
+        """
+        Args:
+            is_train: False only strips annotations (evaluation normally uses ``DatasetMapper``).
+            tfm_gens: list of detectron2 augmentations (see ``large_scale_jitter_augmentations``).
+            image_format: format for ``read_image``.
+        """
+        self.is_train = is_train
+        self.tfm_gens = tfm_gens
+        self.image_format = image_format
+        logging.getLogger(__name__).info(f"[{type(self).__name__}] augmentations: {tfm_gens}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        return {
+            "is_train": is_train,
+            "tfm_gens": large_scale_jitter_augmentations(cfg),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def read_and_augment(self, dataset_dict):
+        """A copy of ``dataset_dict`` with ``image`` (3 x S x S uint8), the applied transforms and
+        the original image's (height, width)."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        check_image_size(dataset_dict, image)
+        original_shape = image.shape[:2]
+        image, transforms = T.apply_transform_gens(self.tfm_gens, image)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return dataset_dict, transforms, original_shape
 
 
 def pad_to_multiple(tensor, divisibility, value):
