@@ -3,6 +3,7 @@ import importlib.metadata as md
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -41,7 +42,12 @@ def test_exactly_one_torch_distribution():
 
 def test_installed_versions_match_constraints():
     pins = _constraints()
-    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in md.distributions()}
+    # the environment's own site-packages only: once pkg_resources is imported, setuptools'
+    # vendored copies (e.g. packaging) are on sys.path too, with their own versions
+    site = sysconfig.get_paths()["purelib"]
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in md.distributions(path=[site])
+    }
     wrong = {
         name: (want, installed.get(name))
         for name, want in pins.items()
