@@ -6,6 +6,8 @@ are the first k of a stable ascending order, so exact ties go to the lower datab
 results are nearest first; distances are ``sqrt`` of the squared distance, in float32; no
 gradient. Queries are processed in chunks so memory stays bounded for any number of queries.
 """
+import os
+
 import torch
 
 from .validation import check
@@ -17,6 +19,8 @@ CHUNK_PAIRS_GPU = 1 << 24
 # 2-D searches with more query x database pairs than this go to the exact grid search
 # (clusten.fused.grid_knn: same results); below it brute force is as fast.
 GRID_SEARCH_PAIRS = 1 << 22
+# CLUSTEN_KNN=brute_force keeps every search on the brute-force path (to time the original's way)
+SEARCH_ENV = "CLUSTEN_KNN"
 
 
 def _check(query, database, k):
@@ -40,11 +44,13 @@ def knn(query, database, k, return_dist=False):
         ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
 
     Large 2-D searches use the exact grid search (``clusten.grid_knn``), the others
-    ``brute_force_knn``; both give identical results.
+    ``brute_force_knn``; both give identical results (``CLUSTEN_KNN=brute_force`` forces the
+    latter).
     """
     s = _check(query, database, k)
     # the grid search sizes its rounds on the host: not inside a captured graph
-    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS and not torch.compiler.is_compiling():
+    grid_allowed = os.environ.get(SEARCH_ENV, "auto") != "brute_force" and not torch.compiler.is_compiling()
+    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS and grid_allowed:
         from .fused.grid_knn import grid_knn
 
         return grid_knn(query, database, k, return_dist)

@@ -7,6 +7,7 @@ Examples::
     python tools/benchmark.py --config-file CFG --input-size 512 512 --json speed.json
     python tools/benchmark.py --config-file CFG --dataset-images --tasks inference
     python tools/benchmark.py --config-file CFG --tasks train --batch-size 2 SOLVER.AMP.ENABLED True
+    python tools/benchmark.py --config-file CFG --original-execution   # fp32, unfused, brute-force KNN
 
 Inference: images/s, per-batch latency percentiles (p50, p90, p99) and peak memory, under
 ``torch.no_grad`` in eval mode.  Training: the time of one iteration (forward, backward,
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from analyze_model import build_loaded_model, fixed_size_inputs, setup_cfg  # noqa: E402
 from aff_seg.data.dataset_mappers import build_train_mapper  # noqa: E402
+from clusten import knn_search  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -159,11 +161,12 @@ def dataset_batches(cfg, count, batch_size, train):
 # -- tasks --------------------------------------------------------------------------------
 
 
-def benchmark_inference(model, batches, warmup, iters, batch_size):
+def benchmark_inference(model, cfg, batches, warmup, iters, batch_size):
     model.eval()
+    amp_dtype = getattr(torch, cfg.SOLVER.AMP.PRECISION)
 
     def step(batch):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=cfg.SOLVER.AMP.ENABLED):
             model(batch)
 
     seconds, peak = time_iterations(step, batches, warmup, iters, model.device)
@@ -224,7 +227,7 @@ def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=
         if train:
             result[task] = benchmark_training(model, cfg, batches, warmup, iters, batch_size)
         else:
-            result[task] = benchmark_inference(model, batches, warmup, iters, batch_size)
+            result[task] = benchmark_inference(model, cfg, batches, warmup, iters, batch_size)
     return result
 
 
@@ -259,14 +262,26 @@ def get_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations")
     parser.add_argument("--json", metavar="FILE", help="also write the results to this file")
+    parser.add_argument(
+        "--original-execution",
+        action="store_true",
+        help="run the model the original's way: fp32, unfused attention, brute-force KNN",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
+
+
+ORIGINAL_EXECUTION_OPTS = ["SOLVER.AMP.ENABLED", "False", "MODEL.AFF.FUSED_ATTENTION", "False"]
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="aff_seg")
-    cfg = setup_cfg(args.config_file, args.opts)
+    opts = list(args.opts)
+    if args.original_execution:
+        opts += ORIGINAL_EXECUTION_OPTS
+        os.environ[knn_search.SEARCH_ENV] = "brute_force"
+    cfg = setup_cfg(args.config_file, opts)
     result = run(
         cfg,
         args.tasks,
@@ -277,6 +292,7 @@ def main(argv=None):
         iters=args.iters,
     )
     result["config"]["file"] = args.config_file
+    result["config"]["original_execution"] = args.original_execution
     print(table(result, args.tasks))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,3 +26,21 @@ def test_summarize():
     r = summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5)
     assert r["images_per_s"] == 4 / 0.4
     assert r["latency_ms"]["p50"] == 200
+
+
+def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, tiny_config, tmp_path, monkeypatch):
+    from clusten import knn_search
+
+    config, opts = tiny_config
+    seen = {}
+
+    def spy(cfg, *args, **kwargs):
+        seen.update(amp=cfg.SOLVER.AMP.ENABLED, fused=cfg.MODEL.AFF.FUSED_ATTENTION,
+                    knn=knn_search.os.environ.get(knn_search.SEARCH_ENV))
+        return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
+
+    monkeypatch.setattr(benchmark, "run", spy)
+    monkeypatch.setenv(knn_search.SEARCH_ENV, "auto")  # restored after the test
+    benchmark.main(["--config-file", config, "--tasks", "inference", "--original-execution", *opts,
+                    "SOLVER.AMP.ENABLED", "True"])
+    assert seen == {"amp": False, "fused": False, "knn": "brute_force"}
