@@ -8,6 +8,7 @@ Examples::
     python tools/benchmark.py --config-file CFG --dataset-images --tasks inference
     python tools/benchmark.py --config-file CFG --tasks train --batch-size 2 SOLVER.AMP.ENABLED True
     python tools/benchmark.py --config-file CFG --original-execution   # fp32, unfused, brute-force KNN
+    python tools/benchmark.py --config-file CFG --tasks inference --profile   # per-op breakdown
 
 Inference: images/s, per-batch latency percentiles (p50, p90, p99) and peak memory, under
 ``torch.no_grad`` in eval mode.  Training: the time of one iteration (forward, backward,
@@ -231,6 +232,33 @@ def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=
     return result
 
 
+def op_breakdown(model, cfg, batch, top=25):
+    """Per-op time of one inference forward (``torch.profiler``, after one warm-up forward).
+
+    Returns:
+        list of dicts ``{op, calls, self_ms, percent}``, the ``top`` ops by self time (device
+        time on a GPU, CPU time otherwise); the clusten ops appear under their custom-op names.
+    """
+    model.eval()
+    amp_dtype = getattr(torch, cfg.SOLVER.AMP.PRECISION)
+    on_gpu = model.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=cfg.SOLVER.AMP.ENABLED):
+        model(batch)
+        _synchronize(model.device)
+        with torch.profiler.profile(activities=activities) as prof:
+            model(batch)
+            _synchronize(model.device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: -getattr(e, attr))[:top]
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1e3, "percent": 100 * getattr(e, attr) / total}
+        for e in rows
+    ]
+
+
 def table(result, tasks):
     rows = []
     for task in tasks:
@@ -263,6 +291,9 @@ def get_parser():
     parser.add_argument("--iters", type=int, default=20, help="timed iterations")
     parser.add_argument("--json", metavar="FILE", help="also write the results to this file")
     parser.add_argument(
+        "--profile", action="store_true", help="also print the per-op time of one inference forward"
+    )
+    parser.add_argument(
         "--original-execution",
         action="store_true",
         help="run the model the original's way: fp32, unfused attention, brute-force KNN",
@@ -294,6 +325,13 @@ def main(argv=None):
     result["config"]["file"] = args.config_file
     result["config"]["original_execution"] = args.original_execution
     print(table(result, args.tasks))
+    if args.profile:
+        height, width = args.input_size or tuple(cfg.INPUT.CROP.SIZE)
+        torch.manual_seed(0)
+        model = build_loaded_model(cfg)
+        batch = fixed_size_inputs(height, width, args.batch_size)
+        result["op_breakdown"] = op_breakdown(model, cfg, batch)
+        print(tabulate(result["op_breakdown"], headers="keys", floatfmt=".2f", tablefmt="pipe"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -44,3 +44,14 @@ def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, ti
     benchmark.main(["--config-file", config, "--tasks", "inference", "--original-execution", *opts,
                     "SOLVER.AMP.ENABLED", "True"])
     assert seen == {"amp": False, "fused": False, "knn": "brute_force"}
+
+
+def test_op_breakdown_lists_the_clusten_ops(benchmark, analyze_model, tiny_config):
+    config, opts = tiny_config
+    cfg = analyze_model.setup_cfg(config, opts)
+    model = analyze_model.build_loaded_model(cfg)
+    rows = benchmark.op_breakdown(model, cfg, analyze_model.fixed_size_inputs(64, 64), top=200)
+    ops = {r["op"] for r in rows}
+    assert {"clusten::cluster_attention_fwd", "clusten::gather_sum"} <= ops, sorted(ops)
+    assert all(r["calls"] >= 1 and r["self_ms"] >= 0 for r in rows)
+    assert 99.0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-6
