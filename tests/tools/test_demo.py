@@ -119,6 +119,24 @@ def test_video(demo, tiny_config, tmp_path):
     assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
 
 
+def test_webcam_shows_frames_until_escape(demo, tiny_config, tmp_path, monkeypatch):
+    """--webcam reads camera 0 (here a recorded clip stands in for it) and stops on esc."""
+    config, opts = tiny_config
+    clip = str(tmp_path / "camera.mp4")
+    writer = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(5):
+        writer.write(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    real_open = demo.open_video
+    opened, shown = [], []
+    monkeypatch.setattr(demo, "open_video", lambda source: opened.append(source) or real_open(clip))
+    monkeypatch.setattr(demo, "show", lambda image, wait_ms: shown.append(image.shape) or (27 if len(shown) == 2 else -1))
+    monkeypatch.setattr(demo.cv2, "destroyAllWindows", lambda: None)
+    assert demo.main(["--config-file", config, "--webcam", "--opts", *opts]) == 0
+    assert opened == [0]
+    assert shown == [(48, 64, 3)] * 2  # esc after the second frame ends the loop
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
