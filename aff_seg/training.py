@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.common import AspectRatioGroupedDataset, ToIterableDataset
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.dataset_mappers import build_train_mapper
 from .evaluation import SemanticSegmentorWithTTA
+from .modeling.backbone import AFFCheckpointer
 from .solver import MixedPrecisionTrainer, build_lr_scheduler, build_optimizer
 
 __all__ = [
@@ -284,7 +284,7 @@ class Trainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AFFCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
