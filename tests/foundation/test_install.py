@@ -80,9 +80,12 @@ def test_imports():
 def test_clusten_needs_torch_alone():
     code = (
         "import sys\n"
-        "for name in ('detectron2', 'aff_seg', 'fvcore', 'cv2', 'scipy'):\n"
+        "for name in ('detectron2', 'aff_seg', 'fvcore', 'cv2', 'scipy', 'triton'):\n"
         "    sys.modules[name] = None  # any import of these now fails\n"
-        "import clusten\n"
+        "import clusten, torch\n"
+        "q = torch.randn(1, 2, 10, 4); idx = torch.randint(0, 10, (1, 10, 3))\n"
+        "clusten.cluster_attention(q, q, q, idx, torch.zeros(1, 2, 10, 3), None, torch.zeros(2, 4), torch.zeros(2, 4))\n"
+        "clusten.knn(q[0, :1, :, :2], q[0, :1, :, :2], 3)\n"
         "print('OK')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
