@@ -9,6 +9,7 @@ import torch
 
 import clusten
 from clusten import build
+from clusten_op_inputs import OPS, op_inputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -24,25 +25,9 @@ def extension():
 
 
 def _inputs(op, dtype, seed=0, sizes=SIZES):
-    B, H, N, N_SRC, M, C, IC, K = (sizes[key] for key in ("B", "H", "N", "N_SRC", "M", "C", "IC", "K"))
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def f(*shape):
-        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype).requires_grad_()
-
-    def i(*shape):
-        return torch.randint(0, N_SRC, shape, generator=g, device="cuda")
-
-    return {
-        "clusten_qk": lambda: (f(B, H, N, C), f(B, H, N_SRC, C), i(B, N, M)),
-        "clusten_av": lambda: (f(B, H, N, M), f(B, H, N_SRC, C), i(B, N, M)),
-        "clusten_wf": lambda: (f(B, N, M, IC), f(B, N_SRC, C), i(B, N, M)),
-        "weighted_gather": lambda: (i(B, N, K), f(B, N, K), f(B, N_SRC, C)),
-        "msdetrpc": lambda: (i(B, N, M, K), f(B, N, M, K), f(B, N, M), f(B, N_SRC, C)),
-    }[op]()
+    return op_inputs(op, sizes, dtype, device="cuda", seed=seed)
 
 
-OPS = ["clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc"]
 
 
 def _run(op, args, backend, monkeypatch):

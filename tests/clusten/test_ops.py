@@ -4,6 +4,7 @@ import torch
 
 import clusten
 from clusten import reference
+from clusten_op_inputs import op_inputs
 
 B, H, N, N_SRC, M, C, IC, K = 2, 3, 5, 6, 4, 3, 2, 3
 
@@ -63,23 +64,12 @@ def naive_msdetrpc(nn_idx, nn_weight, attn, value):
     return out
 
 
+SIZES = dict(B=B, H=H, N=N, N_SRC=N_SRC, M=M, C=C, IC=IC, K=K)
+
+
 def make_inputs(op, dtype=torch.float64, index_dtype=torch.int64, seed=0):
     """Random arguments for ``op`` (floats require grad), in the op's argument order."""
-    g = torch.Generator().manual_seed(seed)
-
-    def f(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-
-    def i(*shape):
-        return torch.randint(0, N_SRC, shape, generator=g).to(index_dtype)
-
-    return {
-        "clusten_qk": lambda: (f(B, H, N, C), f(B, H, N_SRC, C), i(B, N, M)),
-        "clusten_av": lambda: (f(B, H, N, M), f(B, H, N_SRC, C), i(B, N, M)),
-        "clusten_wf": lambda: (f(B, N, M, IC), f(B, N_SRC, C), i(B, N, M)),
-        "weighted_gather": lambda: (i(B, N, K), f(B, N, K), f(B, N_SRC, C)),
-        "msdetrpc": lambda: (i(B, N, M, K), f(B, N, M, K), f(B, N, M), f(B, N_SRC, C)),
-    }[op]()
+    return op_inputs(op, SIZES, dtype, index_dtype, seed=seed)
 
 
 NAIVE = {

@@ -98,13 +98,18 @@ def test_blur_draws_on_the_same_named_image(demo, tiny_config, tmp_path):
     assert np.median(np.abs(np.diff(drawn, axis=1))) < 0.05 * noise
 
 
-def test_video(demo, tiny_config, tmp_path):
-    config, opts = tiny_config
-    video_path = str(tmp_path / "clip.mp4")
-    writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
-    for i in range(3):
+def _write_clip(path, num_frames):
+    """A 64 x 48 mp4 of random frames; returns its path as a string."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(num_frames):
         writer.write(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     writer.release()
+    return str(path)
+
+
+def test_video(demo, tiny_config, tmp_path):
+    config, opts = tiny_config
+    video_path = _write_clip(tmp_path / "clip.mp4", 3)
     out = tmp_path / "out"
     out.mkdir()
     assert demo.main(["--config-file", config, "--video-input", video_path, "--output", str(out),
@@ -122,11 +127,7 @@ def test_video(demo, tiny_config, tmp_path):
 def test_webcam_shows_frames_until_escape(demo, tiny_config, tmp_path, monkeypatch):
     """--webcam reads camera 0 (here a recorded clip stands in for it) and stops on esc."""
     config, opts = tiny_config
-    clip = str(tmp_path / "camera.mp4")
-    writer = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
-    for i in range(5):
-        writer.write(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    writer.release()
+    clip = _write_clip(tmp_path / "camera.mp4", 5)
     real_open = demo.open_video
     opened, shown = [], []
     monkeypatch.setattr(demo, "open_video", lambda source: opened.append(source) or real_open(clip))

@@ -38,6 +38,13 @@ def build_transformer_decoder(cfg, in_channels, mask_classification=True):
     return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)
 
 
+def _xavier_init(module):
+    """Xavier-uniform init of every matrix of ``module`` (the decoder layers' init)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class SelfAttentionLayer(nn.Module):
     """Query self-attention (post-norm unless ``normalize_before``)."""
 
@@ -47,9 +54,7 @@ class SelfAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt, query_pos):
         """tgt, query_pos: ``Q x b x c``."""
@@ -68,9 +73,7 @@ class CrossAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
         """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool."""
@@ -88,9 +91,7 @@ class FFNLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt):
         x = self.norm(tgt) if self.normalize_before else tgt
