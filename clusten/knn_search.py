@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .reference import query_chunks
 from .validation import check
 
 # query x database pairs per chunk: on CPU a few MB of temporaries (stays in cache); on a GPU
@@ -25,7 +26,7 @@ SEARCH_ENV = "CLUSTEN_KNN"
 
 def _check(query, database, k):
     s = check("knn", [("query", query, "b n d", "float"), ("database", database, "b n_ d", "float")])
-    if not isinstance(k, int) or not 1 <= k <= s["n_"]:
+    if not isinstance(k, (int, torch.SymInt)) or not 1 <= k <= s["n_"]:
         raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
     return s
 
@@ -50,7 +51,7 @@ def knn(query, database, k, return_dist=False):
     s = _check(query, database, k)
     # the grid search sizes its rounds on the host: not inside a captured graph
     grid_allowed = os.environ.get(SEARCH_ENV, "auto") != "brute_force" and not torch.compiler.is_compiling()
-    if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS and grid_allowed:
+    if grid_allowed and s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS:
         from .fused.grid_knn import grid_knn
 
         return grid_knn(query, database, k, return_dist)
@@ -68,9 +69,7 @@ def brute_force_knn(query, database, k, return_dist=False):
     idx = torch.empty(b, n, k, dtype=torch.int64, device=query.device)
     dist = torch.empty(b, n, k, dtype=torch.float32, device=query.device) if return_dist else None
     pairs = CHUNK_PAIRS_CPU if query.device.type == "cpu" else CHUNK_PAIRS_GPU
-    step = max(1, pairs // max(1, b * n_db))
-    for start in range(0, n, step):
-        end = min(n, start + step)
+    for start, end in query_chunks(n, b * n_db, pairs):
         sq = _squared_distances(q[:, :, start:end], db)
         chunk_idx, chunk_sq = _k_smallest(sq, k)
         idx[:, start:end] = chunk_idx

@@ -10,7 +10,6 @@ relative offsets) is computed once per stage and shared by its blocks. Stage 1's
 full grid, identical for every image, so its clustering is computed for one image and
 broadcast. Nothing is cached between calls, so batch and canvas size may change freely.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,8 @@ class PatchEmbed(nn.Module):
         x = F.pad(x, (0, -W % PATCH_SIZE, 0, -H % PATCH_SIZE))
         x = self.proj2(self.act1(self.bn(self.proj1(x))))
         b, _, h, w = x.shape
-        h, w = int(h), int(w)  # plain ints even under tracing (the clustering rounds them)
+        if torch.jit.is_tracing():  # plain ints under torch.jit.trace (the clustering rounds them)
+            h, w = int(h), int(w)
         x = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             x = self.norm(x)
@@ -124,9 +124,9 @@ class AFFStage(nn.Module):
         if self.nbhd_size >= n:  # global attention
             offset = pos.unsqueeze(1) - pos.unsqueeze(2)  # [i, j] = pos_j - pos_i
             return None, None, None, relative_position_features(offset)
-        k = math.ceil(n / m)
+        k = (n + m - 1) // m
         num_clusters = min(int(round(self.nbhd_size / m)), k)
-        if k == n:  # one token per cluster: no reordering
+        if m == 1:  # one token per cluster: no reordering
             order, cluster_mean = None, pos
         else:
             order, pos, cluster_mean = space_filling_cluster(pos, m, h, w)

@@ -75,4 +75,5 @@ class MaskFormerHead(nn.Module):
 
     def layers(self, features, mask=None):
         mask_features, mf_pos, _, multi_scale_features, multi_scale_poss = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, mask)
+        canvas_hw = features[self.in_features[0] + "_spatial_shape"]
+        return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, mask, canvas_hw=canvas_hw)

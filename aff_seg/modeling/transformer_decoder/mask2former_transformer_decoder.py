@@ -219,7 +219,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
 
-    def forward(self, x, pos, mask_features, mf_pos, mask=None):
+    def forward(self, x, pos, mask_features, mf_pos, mask=None, canvas_hw=None):
         """
         Args:
             x: list of 3 ``b x n_l x c`` level features (res5, res4, res3).
@@ -227,6 +227,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_features: ``b x n x mask_dim`` on the res2 tokens (all h*w grid pixels).
             mf_pos: ``b x n x 2`` res2 positions.
             mask: unused (padding is not masked, as upstream).
+            canvas_hw: (h, w) of the stride-4 canvas the res2 tokens tile; None: read from
+                ``mf_pos`` (a host read; the head passes the backbone's ``res2_spatial_shape``).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
             ``aux_outputs`` (one such dict per earlier prediction).
@@ -234,7 +236,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         del mask
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
-        canvas_hw = self._canvas_size(mf_pos)
+        if canvas_hw is None:
+            canvas_hw = self._canvas_size(mf_pos)
         src, pos_emb = [], []
         for i in range(self.num_feature_levels):
             pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))  # n x b x c
@@ -253,7 +256,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             # a query whose mask blocks every token attends to all of them
-            attn_mask[attn_mask.all(-1)] = False
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, pos=pos_emb[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
