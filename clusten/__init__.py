@@ -12,14 +12,17 @@ Public ops (argument order of the original autograd functions):
 - ``cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)``: the fused
   cluster attention (Triton on CUDA, a PyTorch twin elsewhere), see :mod:`clusten.fused`
 
+``decompositions()`` replaces the custom ops by their PyTorch forms in an exported program.
+
 CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
 ``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
 """
+from .decompositions import decompositions
 from .fused import cluster_attention, grid_knn
 from .knn_search import brute_force_knn, knn
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
 __all__ = [
     "clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn",
-    "brute_force_knn", "grid_knn", "cluster_attention",
+    "brute_force_knn", "grid_knn", "cluster_attention", "decompositions",
 ]

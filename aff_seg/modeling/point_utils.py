@@ -10,6 +10,8 @@ part of the model does with positions:
 * ``shepard_weights`` / ``shepard_interpolate``: inverse-distance (Shepard) interpolation;
 * ``points_to_canvas``: scatter token values onto the dense stride-4 canvas.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ __all__ = [
     "shepard_interpolate",
     "points_to_canvas",
     "gather_points",
+    "autocast_off",
 ]
 
 SHEPARD_EPS = 1e-11
@@ -140,3 +143,11 @@ def points_to_canvas(values, pos, h, w):
     canvas = values.new_zeros(b, h * w, c)
     canvas.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, c), values)
     return canvas.transpose(1, 2).reshape(b, c, h, w)
+
+
+def autocast_off(device_type):
+    """A region computed in the inputs' dtypes: disables autocast if it is on, else does nothing
+    (so that an exported inference graph holds no autocast region)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

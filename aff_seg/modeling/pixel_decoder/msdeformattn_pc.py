@@ -159,7 +159,7 @@ class MSDeformAttnPc(nn.Module):
 
         # geometry and aggregation in float32 at least (float64 stays float64)
         geo = torch.promote_types(query.dtype, torch.float32)
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             query = query.to(geo)
             offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
             offsets = offsets.view(b, n, nh, nl, nk, 2)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..point_utils import points_to_canvas, shepard_interpolate
+from ..point_utils import autocast_off, points_to_canvas, shepard_interpolate
 from .position_encoding import PointPositionEmbeddingSine
 
 __all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
@@ -300,7 +300,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
-        with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
+        with torch.no_grad(), autocast_off(token_masks.device.type):
             level_masks = shepard_interpolate(target_pos.float(), mf_pos.float(), token_masks.float().transpose(1, 2),
                                               k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER)  # b x n_l x Q
             attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
