@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..point_utils import points_to_canvas, shepard_interpolate
+from ..point_utils import points_to_canvas, shepard_interpolate, shepard_neighbours
 from .position_encoding import PointPositionEmbeddingSine
 
 __all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
@@ -242,13 +242,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         del mask
         canvas_hw = self._canvas_size(mf_pos)
         src, pos_emb = self._sources(x, pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
         outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-            output, mask_features, mf_pos, pos[0], canvas_hw)
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
         attn_mask = self.attention_mask(level_prob)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
@@ -262,7 +263,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-                output, mask_features, mf_pos, pos[(i + 1) % self.num_feature_levels], canvas_hw)
+                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw)
             attn_mask = self.attention_mask(level_prob)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
@@ -287,6 +288,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return src, pos_emb
 
     @staticmethod
+    @torch.no_grad()
+    def _level_neighbours(pos, mf_pos):
+        """Each level's attention masks are read off the res2 mask logits at the level's tokens:
+        one neighbour search per level (``shepard_neighbours``), shared by every layer that
+        attends to that level."""
+        return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos]
+
+    @staticmethod
     def _canvas_size(mf_pos):
         """(h, w) of the canvas the res2 tokens tile: max y + 1, max x + 1 over the batch."""
         h = int(mf_pos[..., 1].max().item()) + 1
@@ -298,27 +307,27 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
         return h, w
 
-    def forward_prediction_heads(self, output, mask_features, mf_pos, target_pos, canvas_hw):
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw):
         """
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
-            target_pos: ``b x n_l x 2`` positions of the level the next layer attends to, or
-                None when no layer needs them.
+            target_neighbours: ``shepard_neighbours(level positions, mf_pos)`` of the level the
+                next layer attends to (``b x n_l x k`` indices and weights), or None when no
+                layer needs it.
             canvas_hw: (h, w) of the stride-4 canvas.
         Returns:
             class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the mask
             probabilities at the level's tokens ``b x Q x n_l`` float32, detached (None when
-            ``target_pos`` is None).
+            ``target_neighbours`` is None).
         """
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # b x Q x c
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
         level_prob = None
-        if target_pos is not None:
+        if target_neighbours is not None:
             with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
-                level_masks = shepard_interpolate(target_pos.float(), mf_pos.float(), token_masks.float().transpose(1, 2),
-                                                  k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER)  # b x n_l x Q
+                level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
                 level_prob = level_masks.transpose(1, 2).sigmoid()
         h, w = canvas_hw
         outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
