@@ -169,13 +169,14 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
         del mask
         canvas_hw = self._canvas_size(mf_pos)
         src, pos_emb = self._sources(x, pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]
         static_query = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
         outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-            output, mask_features, mf_pos, pos[0], canvas_hw)
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
         attn_mask = self.attention_mask(level_prob)
@@ -202,7 +203,8 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
 
             following = self.schedule[i + 1] if i + 1 < self.num_layers else HR
             outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-                output, mask_features, mf_pos, None if following == HR else pos[following], canvas_hw)
+                output, mask_features, mf_pos, None if following == HR else level_neighbours[following],
+                canvas_hw)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
             if level_prob is not None:
