@@ -218,14 +218,19 @@ def toy_batch(h=64, w=96, classes=(1, 3, 0)):
     return [{"image": torch.rand(3, h, w) * 255, "instances": instances_from_masks(masks, list(classes))}]
 
 
+TINY_SWIN = ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]",
+             "MODEL.SWIN.WINDOW_SIZE", "4"]
+
+
 @pytest.mark.parametrize("config,output", [
     (R50_ADE, "sem_seg"),
+    ("ade20k/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml", "sem_seg"),
     ("coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml", "panoptic_seg"),
     ("coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml", "instances"),
 ])
 def test_grid_model_trains_and_infers(config, output):
     torch.manual_seed(0)
-    model = build_model(load_cfg(config, *TINY_GRID)).train()
+    model = build_model(load_cfg(config, *TINY_GRID, *TINY_SWIN)).train()
     losses = model(toy_batch())
     assert len(losses) == 3 * 4  # final + 3 auxiliary predictions
     total = sum(losses.values())
@@ -234,7 +239,7 @@ def test_grid_model_trains_and_infers(config, output):
     head = model.sem_seg_head
     for p in (head.predictor.query_feat.weight, head.pixel_decoder.input_proj[0][0].weight,
               head.pixel_decoder.transformer.encoder.layers[0].self_attn.value_proj.weight,
-              model.backbone.stem.conv1.weight):
+              next(model.backbone.parameters())):
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
