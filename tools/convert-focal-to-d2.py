@@ -17,7 +17,7 @@ import argparse
 import pickle
 
 import aff_seg  # noqa: F401  (detectron2 compatibility fixes first)
-from aff_seg.modeling.backbone.checkpoint import load_weights_file
+from aff_seg.checkpoint import load_weights_file
 from aff_seg.modeling.backbone.focal import focal_classification_state_dict
 
 

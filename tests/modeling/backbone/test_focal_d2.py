@@ -12,7 +12,8 @@ import aff_seg  # noqa: F401  (compat fixes before detectron2)
 from aff_seg import add_maskformer2_config
 from detectron2.config import get_cfg
 from detectron2.modeling import ShapeSpec, build_backbone
-from aff_seg.modeling.backbone import AFFCheckpointer, FocalTransformer
+from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.modeling.backbone import FocalTransformer
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))

@@ -22,7 +22,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .focal import FocalTransformer, focal_classification_state_dict
+from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
 __all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer"]
 
