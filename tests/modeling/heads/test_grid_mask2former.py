@@ -9,7 +9,7 @@ from heads_helpers import instances_from_masks, load_cfg  # noqa: I100  (registe
 
 from detectron2.modeling import build_model
 
-from aff_seg.modeling.backbone import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer
 from aff_seg.modeling.pixel_decoder import MSDeformAttnPixelDecoder, MSDeformAttnPixelDecoderPc
 from aff_seg.modeling.transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
