@@ -88,7 +88,7 @@ class MaskFormer(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
-        required = self.backbone.size_divisibility
+        required = getattr(backbone, "size_divisibility", 0)  # detectron2 Backbones have it
         if size_divisibility < 0:
             size_divisibility = required
         elif required > 0 and (size_divisibility == 0 or size_divisibility % required):
