@@ -57,26 +57,6 @@ def test_op_breakdown_lists_the_clusten_ops(benchmark, analyze_model, tiny_confi
     assert 99.0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-6
 
 
-@pytest.mark.slow
-def test_compare_interleaves_fresh_processes(benchmark, tiny_config, tmp_path, capsys):
-    config, opts = tiny_config
-    path = tmp_path / "compare.json"
-    contenders = [config, config + "@original"]
-    benchmark.main(["--compare", *contenders, "--tasks", "inference", "--input-size", "64", "64",
-                    "--warmup", "0", "--iters", "1", "--repeats", "1", "--threads", "1",
-                    "--json", str(path), *opts])
-    result = json.loads(path.read_text())
-    assert list(result["contenders"]) == contenders
-    assert result["repeats"] == 1 and result["machine"]["threads"] == 1
-    for entry in result["contenders"].values():
-        r = entry["inference"]
-        assert r["latency_ms_min"] <= r["latency_ms"] <= r["latency_ms_max"]
-        assert r["images_per_s"] > 0 and r["peak_memory_mib"] > 0
-    assert result["contenders"][config]["inference"]["ratio"] == 1.0
-    out = capsys.readouterr().out
-    assert f"| {config}@original | inference |" in out
-
-
 def test_compare_rejects_unknown_suffix(benchmark, tiny_config):
     config, _ = tiny_config
     with pytest.raises(ValueError, match="@original"):
