@@ -8,8 +8,8 @@ from .compat import apply as _apply_compat_fixes
 
 _apply_compat_fixes()  # must run before any detectron2 import
 
-from .config import add_maskformer2_config
+from .config import add_maskformer2_config, load_config
 from . import data  # noqa: F401  (dataset registrations)
 from . import modeling  # noqa: F401  (backbone / pixel decoder / decoder / meta-arch registrations)
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["add_maskformer2_config", "load_config"]

@@ -9,11 +9,69 @@
 * what this project adds (``SOLVER.AMP.PRECISION``, ``MODEL.AFF.FUSED_ATTENTION`` ...).
 
 So the original AFF and Mask2Former config files merge unchanged.
+
+``load_config(config_file, opts)`` is how every entry point (``train_net.py``, the demo, the
+tools) reads a config: YAML is parsed with ``yaml.safe_load`` only, in the file and in every
+``_BASE_`` it inherits, so a config file cannot run code (detectron2's ``merge_from_file``
+falls back to ``yaml.unsafe_load``). The original configs' ``!!python/object/apply:eval`` lists
+are refused with the file and line; ``tools/convert-config-safe.py`` rewrites them as plain lists.
 """
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["ConfigError", "SafeCfgNode", "add_maskformer2_config", "load_config"]
+
+CONVERTER = "tools/convert-config-safe.py"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used (unsafe tag, empty, not a mapping); names the file."""
+
+
+class SafeCfgNode(CN):
+    """detectron2's ``CfgNode`` whose files (and their ``_BASE_`` chain) are read with
+    ``yaml.safe_load`` only: ``allow_unsafe`` is ignored, tags that would construct Python
+    objects raise ``ConfigError`` before anything runs."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        with cls._open_cfg(filename) as f:
+            try:
+                content = yaml.safe_load(f)
+            except yaml.constructor.ConstructorError as e:
+                mark = e.problem_mark
+                where = f"{filename}, line {mark.line + 1}" if mark is not None else filename
+                raise ConfigError(
+                    f"{where}: {e.problem}. Config files are read with yaml.safe_load, so they cannot run "
+                    f"code; write the value literally (e.g. a plain list). `python {CONVERTER} {filename}` "
+                    "rewrites the original configs' `!!python/object/apply:eval` lists."
+                ) from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{filename}: not valid YAML: {e}") from None
+        if content is None:
+            raise ConfigError(f"config file {filename} is empty")
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {filename} must hold a mapping of keys, got {type(content).__name__}")
+        # content is safe: detectron2/fvcore merge it with its _BASE_ chain (each base read here too)
+        return super().load_yaml_with_base(filename, allow_unsafe=False)
+
+
+def load_config(config_file=None, opts=()):
+    """The project's defaults, then ``config_file`` (safe YAML) and ``KEY VALUE`` ``opts``.
+
+    Returns:
+        a ``SafeCfgNode``, not frozen.
+    Raises:
+        ConfigError: the file, or a ``_BASE_`` it inherits, is empty, not a mapping, or holds
+            a tag that would run code.
+    """
+    cfg = SafeCfgNode(add_maskformer2_config(get_cfg()))
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_maskformer2_config(cfg):
@@ -28,6 +86,10 @@ def add_maskformer2_config(cfg):
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+
+    # checkpoints: False lets MODEL.WEIGHTS / --resume load with missing, unexpected or
+    # mismatched keys (they are listed); True stops the run on them
+    cfg.MODEL.WEIGHTS_STRICT = True
 
     # solver
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0

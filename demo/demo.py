@@ -31,8 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import aff_seg  # noqa: E402,F401  (compat fixes before detectron2)
-from aff_seg import add_maskformer2_config  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
+from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -52,10 +51,7 @@ class InputError(RuntimeError):
 def setup_cfg(args):
     """Config from ``--config-file`` and ``--opts``; the model runs on the CPU when CUDA is
     unavailable."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
@@ -297,7 +293,7 @@ def main(argv=None):
             run_video(demo, args)
         else:
             run_webcam(demo, args)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, ConfigError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
     return 0

@@ -45,7 +45,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten  # noqa: E402
 from aff_seg.modeling.backbone import AFFCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -173,10 +172,7 @@ def activation_analysis(model, inputs, count_custom_ops=True):
 
 def setup_cfg(config_file, opts=()):
     """Config from a file and ``KEY VALUE`` overrides; runs on the CPU without CUDA."""
-    cfg = get_cfg()
-    aff_seg.add_maskformer2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = aff_seg.load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
