@@ -34,8 +34,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from .checkpoint import AFFCheckpointer
 from .config import load_config
-from .modeling.backbone import AFFCheckpointer
 from .solver import AMP_DTYPES
 
 __all__ = ["Predictor", "StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens",
