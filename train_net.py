@@ -20,8 +20,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from aff_seg import load_config
-from aff_seg.modeling.backbone import AFFCheckpointer
-from aff_seg.training import Trainer, launch, resolve_dist_backend, setup_run
+from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.engine import Trainer, launch, resolve_dist_backend, setup_run
 
 
 def build_cfg(args):

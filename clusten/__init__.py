@@ -10,12 +10,13 @@ Public ops (argument order of the original autograd functions):
 - ``knn(query, database, k, return_dist=False)``: ``b x n x d``, ``b x n_ x d`` -> ``b x n x k`` int64
   (``brute_force_knn`` and the 2-D ``grid_knn`` give the same results)
 - ``cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)``: the fused
-  cluster attention (Triton on CUDA, a PyTorch twin elsewhere), see :mod:`clusten.fused`
+  cluster attention (Triton on CUDA, a PyTorch twin elsewhere), see :mod:`clusten.attention`
 
 CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
 ``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
 """
-from .fused import cluster_attention, grid_knn
+from .attention import cluster_attention
+from .knn_grid import grid_knn
 from .knn_search import brute_force_knn, knn
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 

@@ -20,7 +20,7 @@ from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from aff_seg.modeling.backbone import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer
 
 __all__ = ["StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens"]
 

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten  # noqa: E402
-from aff_seg.modeling.backbone import AFFCheckpointer  # noqa: E402
+from aff_seg.checkpoint import AFFCheckpointer  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402

@@ -33,7 +33,7 @@ from PIL import Image
 from aff_seg import load_config
 from aff_seg.data.datasets import register_standard_datasets
 from aff_seg.data.synthetic import make_synthetic_datasets
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "synthetic", "ade20k_semantic.yaml")
 TRAIN, VAL = "ade20k_sem_seg_train", "ade20k_sem_seg_val"

@@ -89,7 +89,6 @@ def test_config_builds_its_model(path):
     import torch
     from detectron2.modeling import build_model
 
-    from aff_seg import training  # noqa: F401  (registers the R50 token backbone)
 
     cfg = merged(path)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from aff_seg.modeling.backbone_resnet import grid_tokens
+from aff_seg.modeling.backbone.resnet_tokens import grid_tokens
 
 from .conftest import CONFIGS, TINY_OPTS
 
@@ -29,7 +29,6 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     from detectron2.structures import Instances
 
     from aff_seg import add_maskformer2_config
-    from aff_seg import training  # noqa: F401  (registers D2ResNetTokens)
 
     cfg = get_cfg()
     add_maskformer2_config(cfg)

@@ -176,7 +176,7 @@ class AFF(nn.Module):
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth
             (rising linearly from 0 over all blocks).
         patch_norm: LayerNorm after the stem. out_indices: stages whose output is returned.
-        fused_attention: run local attention through ``clusten.fused.cluster_attention`` (same
+        fused_attention: run local attention through ``clusten.cluster_attention`` (same
             result as the unfused reference chain; not with attention dropout).
     Forward: ``x`` b x in_chans x H x W (H, W >= 32) -> dict with, for each output stage i,
         ``res{i+2}`` (b x n_i x C_i, after ``norm{i}``), ``res{i+2}_pos`` (b x n_i x 2 float32,

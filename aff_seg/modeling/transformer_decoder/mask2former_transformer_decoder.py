@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..point_utils import points_to_canvas, shepard_interpolate
+from ..point_utils import points_to_canvas, shepard_interpolate, shepard_neighbours
 from .position_encoding import PointPositionEmbeddingSine
 
 __all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
@@ -240,13 +240,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))  # n x b x c
             src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
 
+        # each level's attention masks are read off the res2 mask logits at the level's tokens:
+        # one neighbour search per level, shared by every layer that attends to that level
+        with torch.no_grad():
+            level_neighbours = [
+                shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos
+            ]
+
         b = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
         outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-            output, mask_features, mf_pos, pos[0], canvas_hw)
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
@@ -259,7 +266,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, mf_pos, pos[(i + 1) % self.num_feature_levels], canvas_hw)
+                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
@@ -283,11 +290,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
         return h, w
 
-    def forward_prediction_heads(self, output, mask_features, mf_pos, target_pos, canvas_hw):
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw):
         """
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
-            target_pos: ``b x n_l x 2`` positions of the level the next layer attends to.
+            target_neighbours: ``shepard_neighbours(level positions, mf_pos)`` of the level the
+                next layer attends to (``b x n_l x k`` indices and weights).
             canvas_hw: (h, w) of the stride-4 canvas.
         Returns:
             class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the attention
@@ -298,8 +306,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_embed = self.mask_embed(decoder_output)
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
         with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
-            level_masks = shepard_interpolate(target_pos.float(), mf_pos.float(), token_masks.float().transpose(1, 2),
-                                              k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER)  # b x n_l x Q
+            level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
             attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
             attn_mask = attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
         h, w = canvas_hw

@@ -9,7 +9,7 @@ from heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake b
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher
 from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoder, grid_positions
-from aff_seg.modeling.point_utils import points_to_canvas
+from aff_seg.modeling.point_utils import points_to_canvas, shepard_neighbours
 from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder, PointPositionEmbeddingSine
 
 
@@ -142,7 +142,8 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     # the masks are the token logits scattered onto the canvas, and a level token's attention
     # mask is its own pixel's logit < 0 (the level tokens are res2 tokens)
     output = decoder.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
-    cls, masks, attn_mask = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], poss[1],
+    neighbours = shepard_neighbours(poss[1], feats["res2_pos"], k=4, power=3.0)
+    cls, masks, attn_mask = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], neighbours,
                                                              (h, w))
     tokens = decoder.mask_embed(decoder.decoder_norm(output).transpose(0, 1)) @ mask_features.transpose(1, 2)
     pos2 = feats["res2_pos"].long()
