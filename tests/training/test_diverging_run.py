@@ -2,7 +2,7 @@
 import pytest
 from detectron2.utils.env import seed_all_rng
 
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 from .conftest import tiny_cfg
 
