@@ -1,5 +1,7 @@
-"""MaskFormer meta-architecture (META_ARCH_REGISTRY) and MaskFormerHead (SEM_SEG_HEADS_REGISTRY)."""
+"""MaskFormer meta-architecture (META_ARCH_REGISTRY); MaskFormerHead and the all-MLP heads SegFormerHead,
+BoostFormerHead (SEM_SEG_HEADS_REGISTRY, the latter two for detectron2's SemanticSegmentor)."""
 from .mask_former_head import MaskFormerHead
 from .maskformer_model import MaskFormer
+from .segformer_head import BoostFormerHead, SegFormerHead
 
-__all__ = ["MaskFormer", "MaskFormerHead"]
+__all__ = ["MaskFormer", "MaskFormerHead", "SegFormerHead", "BoostFormerHead"]
