@@ -15,22 +15,18 @@ import aff_seg  # noqa: F401  (compat fixes and registrations first)
 
 import logging
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from aff_seg import add_maskformer2_config
-from aff_seg.modeling.backbone import AFFCheckpointer
-from aff_seg.training import Trainer, launch, resolve_dist_backend, setup_run
+from aff_seg import load_config
+from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.engine import Trainer, launch, resolve_dist_backend, setup_run
 
 
 def build_cfg(args):
     """The frozen config of ``--config-file`` plus the trailing ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

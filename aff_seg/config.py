@@ -6,14 +6,73 @@
   ``add_deeplab_config``;
 * Mask2Former's keys, with the AFF repository's defaults (its pixel decoder is the default);
 * ``MODEL.AFF.*``, the backbone keys of the original AFF configs;
+* ``MODEL.SWIN.*``, Mask2Former's Swin backbone keys;
 * what this project adds (``SOLVER.AMP.PRECISION``, ``MODEL.AFF.FUSED_ATTENTION`` ...).
 
 So the original AFF and Mask2Former config files merge unchanged.
+
+``load_config(config_file, opts)`` is how every entry point (``train_net.py``, the demo, the
+tools) reads a config: YAML is parsed with ``yaml.safe_load`` only, in the file and in every
+``_BASE_`` it inherits, so a config file cannot run code (detectron2's ``merge_from_file``
+falls back to ``yaml.unsafe_load``). The original configs' ``!!python/object/apply:eval`` lists
+are refused with the file and line; ``tools/convert-config-safe.py`` rewrites them as plain lists.
 """
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["ConfigError", "SafeCfgNode", "add_maskformer2_config", "load_config"]
+
+CONVERTER = "tools/convert-config-safe.py"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used (unsafe tag, empty, not a mapping); names the file."""
+
+
+class SafeCfgNode(CN):
+    """detectron2's ``CfgNode`` whose files (and their ``_BASE_`` chain) are read with
+    ``yaml.safe_load`` only: ``allow_unsafe`` is ignored, tags that would construct Python
+    objects raise ``ConfigError`` before anything runs."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        with cls._open_cfg(filename) as f:
+            try:
+                content = yaml.safe_load(f)
+            except yaml.constructor.ConstructorError as e:
+                mark = e.problem_mark
+                where = f"{filename}, line {mark.line + 1}" if mark is not None else filename
+                raise ConfigError(
+                    f"{where}: {e.problem}. Config files are read with yaml.safe_load, so they cannot run "
+                    f"code; write the value literally (e.g. a plain list). `python {CONVERTER} {filename}` "
+                    "rewrites the original configs' `!!python/object/apply:eval` lists."
+                ) from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{filename}: not valid YAML: {e}") from None
+        if content is None:
+            raise ConfigError(f"config file {filename} is empty")
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {filename} must hold a mapping of keys, got {type(content).__name__}")
+        # content is safe: detectron2/fvcore merge it with its _BASE_ chain (each base read here too)
+        return super().load_yaml_with_base(filename, allow_unsafe=False)
+
+
+def load_config(config_file=None, opts=()):
+    """The project's defaults, then ``config_file`` (safe YAML) and ``KEY VALUE`` ``opts``.
+
+    Returns:
+        a ``SafeCfgNode``, not frozen.
+    Raises:
+        ConfigError: the file, or a ``_BASE_`` it inherits, is empty, not a mapping, or holds
+            a tag that would run code.
+    """
+    cfg = SafeCfgNode(add_maskformer2_config(get_cfg()))
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_maskformer2_config(cfg):
@@ -39,6 +98,10 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # AMP dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16" (float16 uses a GradScaler)
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    # inference (aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
+    cfg.TEST.AMP = CN()
+    cfg.TEST.AMP.ENABLED = False
+    cfg.TEST.AMP.PRECISION = "bfloat16"
 
     # Mask2Former
     cfg.MODEL.MASK_FORMER = CN()
@@ -84,6 +147,26 @@ def add_maskformer2_config(cfg):
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 
+    # Swin Transformer backbone (D2SwinTransformer; Mask2Former's keys and defaults)
+    cfg.MODEL.SWIN = CN()
+    swin = cfg.MODEL.SWIN
+    swin.PRETRAIN_IMG_SIZE = 224
+    swin.PATCH_SIZE = 4
+    swin.EMBED_DIM = 96
+    swin.DEPTHS = [2, 2, 6, 2]
+    swin.NUM_HEADS = [3, 6, 12, 24]
+    swin.WINDOW_SIZE = 7
+    swin.MLP_RATIO = 4.0
+    swin.QKV_BIAS = True
+    swin.QK_SCALE = None
+    swin.DROP_RATE = 0.0
+    swin.ATTN_DROP_RATE = 0.0
+    swin.DROP_PATH_RATE = 0.3
+    swin.APE = False
+    swin.PATCH_NORM = True
+    swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    swin.USE_CHECKPOINT = False
+
     # AutoFocusFormer backbone (the original's defaults, including their flaw: 3 heads do
     # not divide 32 channels; every shipped config sets both)
     cfg.MODEL.AFF = CN()
@@ -108,6 +191,40 @@ def add_maskformer2_config(cfg):
     aff.SHEPARD_POWER_LEARNABLE = True
     # this project: cluster attention through the fused op (False: the unfused reference chain)
     aff.FUSED_ATTENTION = True
+
+    # Focal Transformer backbone (D2FocalTransformer): the original's key names, defaults = the
+    # published Focal-T (the original's own defaults, FOCAL_POOL "none" and FOCAL_LEVELS 1,
+    # describe no published model)
+    cfg.MODEL.FOCAL = CN()
+    focal = cfg.MODEL.FOCAL
+    focal.EMBED_DIM = 96
+    focal.DEPTHS = [2, 2, 6, 2]
+    focal.NUM_HEADS = [3, 6, 12, 24]
+    focal.WINDOW_SIZE = 7
+    focal.MLP_RATIO = 4.0
+    focal.QKV_BIAS = True
+    focal.QK_SCALE = None  # None (or False, as in the original's configs): head_dim ** -0.5
+    focal.DROP_RATE = 0.0
+    focal.ATTN_DROP_RATE = 0.0
+    focal.DROP_PATH_RATE = 0.2
+    focal.APE = False  # True is refused
+    focal.PATCH_NORM = True
+    focal.USE_SHIFT = False  # True is refused
+    focal.FOCAL_POOL = "fc"  # "fc", "mean", "max", "conv" or "none"
+    focal.FOCAL_STAGES = [0, 1, 2, 3]
+    focal.FOCAL_LEVELS = [2, 2, 2, 2]  # 0, 1 or 2 per stage
+    focal.FOCAL_WINDOWS = [7, 5, 3, 1]
+    focal.EXPAND_STAGES = [0, 1, 2, 3]  # ignored by the original; only all stages are accepted
+    focal.EXPAND_SIZES = [3, 3, 3, 3]
+    focal.EXPAND_LAYER = "all"  # "all", "even" or "odd" (blocks without the ring)
+    focal.USE_CONV_EMBED = False
+    focal.USE_LAYERSCALE = False
+    focal.LAYERSCALE_VALUE = 1e-4
+    focal.USE_PRE_NORM = False
+    focal.USE_CHECKPOINT = False
+    # this project: the pretraining resolution decides which stages have the ring
+    focal.PRETRAIN_IMG_SIZE = 224
+    focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
     # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
     cfg.MODEL.MIT = CN()

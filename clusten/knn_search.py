@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .knn_grid import grid_knn
 from .validation import check
 
 # query x database pairs per chunk: on CPU a few MB of temporaries (stays in cache); on a GPU
@@ -17,7 +18,7 @@ from .validation import check
 CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
 # 2-D searches with more query x database pairs than this go to the exact grid search
-# (clusten.fused.grid_knn: same results); below it brute force is as fast.
+# (clusten.grid_knn: same results); below it brute force is as fast.
 GRID_SEARCH_PAIRS = 1 << 22
 # CLUSTEN_KNN=brute_force keeps every search on the brute-force path (to time the original's way)
 SEARCH_ENV = "CLUSTEN_KNN"
@@ -51,8 +52,6 @@ def knn(query, database, k, return_dist=False):
     # the grid search sizes its rounds on the host: not inside a captured graph
     grid_allowed = os.environ.get(SEARCH_ENV, "auto") != "brute_force" and not torch.compiler.is_compiling()
     if s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS and grid_allowed:
-        from .fused.grid_knn import grid_knn
-
         return grid_knn(query, database, k, return_dist)
     return brute_force_knn(query, database, k, return_dist)
 

@@ -18,6 +18,8 @@ unknown nodes and so left them out, the count includes
   weighted gathers of Shepard interpolation and the point deformable attention;
 * the fused cluster attention (``clusten::cluster_attention_fwd``: logits and weighted sum
   over the M neighbours and the blank token, ``2 * b * h * n * (M + 1) * c``);
+* the grid models' multi-scale deformable attention (``clusten::ms_deform_attn``: bilinear
+  sampling and weighting, ``5 * b * q * heads * levels * points * d``);
 * every KNN search, as the brute-force distance computation ``b * n * n_ * d`` (query
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
@@ -47,8 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten  # noqa: E402
-from aff_seg.modeling.backbone import AFFCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
+from aff_seg.checkpoint import AFFCheckpointer  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -87,6 +88,11 @@ def cluster_attention_flop(inputs, outputs):
     return 2 * b * h * n * (get_shape(inputs[3])[-1] + 1) * c
 
 
+def ms_deform_attn_flop(inputs, outputs):
+    """``value`` b x s x heads x d, locations b x q x heads x levels x points x 2."""
+    return clusten.ms_deform_attn_flop(get_shape(inputs[0]), get_shape(inputs[2]))
+
+
 def knn_flop(inputs, outputs):
     """``query`` b x n x d, ``database`` b x n_ x d: brute-force distances, b * n * n_ * d."""
     b, n, d = get_shape(inputs[0])
@@ -100,12 +106,13 @@ FLOP_HANDLES = {
     "clusten::gather_sum": gather_sum_flop,
     "clusten::scatter_sum": scatter_sum_flop,
     "clusten::cluster_attention_fwd": cluster_attention_flop,
+    "clusten::ms_deform_attn": ms_deform_attn_flop,
     KNN_OP: knn_flop,
 }
 ACTIVATION_HANDLES = {
     name: generic_activation_jit()
     for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum",
-                 "clusten::cluster_attention_fwd")
+                 "clusten::cluster_attention_fwd", "clusten::ms_deform_attn")
 }
 
 _plain_knn = clusten.knn
@@ -178,10 +185,7 @@ def activation_analysis(model, inputs, count_custom_ops=True):
 
 def setup_cfg(config_file, opts=()):
     """Config from a file and ``KEY VALUE`` overrides; runs on the CPU without CUDA."""
-    cfg = get_cfg()
-    aff_seg.add_maskformer2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = aff_seg.load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -192,7 +196,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
     return model
 
 

@@ -17,7 +17,7 @@ import pickle
 
 import aff_seg  # noqa: F401  (detectron2 compatibility fixes first)
 from aff_seg.modeling.backbone import segformer_weights
-from aff_seg.modeling.backbone.checkpoint import HF_WEIGHT_FILES, load_weights_file
+from aff_seg.checkpoint import HF_WEIGHT_FILES, load_weights_file
 
 
 def convert(src, dst):

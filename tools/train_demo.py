@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import SemSegEvaluator
@@ -31,10 +30,10 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from aff_seg import add_maskformer2_config
+from aff_seg import load_config
 from aff_seg.data.datasets import register_standard_datasets
 from aff_seg.data.synthetic import make_synthetic_datasets
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "synthetic", "ade20k_semantic.yaml")
 TRAIN, VAL = "ade20k_sem_seg_train", "ade20k_sem_seg_val"
@@ -105,10 +104,7 @@ def main(argv=None):
     make_synthetic_datasets(root, datasets=("ade20k",), num_train=args.num_train, num_val=args.num_val, seed=0)
     register_standard_datasets(root)
 
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
+    cfg = load_config(CONFIG, ["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Evaluation helpers detectron2 lacks."""
+"""Evaluation: the evaluator factory and the test-time augmentation detectron2 lacks."""
+from .build import build_evaluator
 from .test_time_augmentation import SemanticSegmentorWithTTA
 
-__all__ = ["SemanticSegmentorWithTTA"]
+__all__ = ["SemanticSegmentorWithTTA", "build_evaluator"]

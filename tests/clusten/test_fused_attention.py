@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import clusten.fused.attention as attention
-from clusten.fused import cluster_attention, cluster_attention_reference
+import clusten.attention as attention
+from clusten.attention import cluster_attention, cluster_attention_reference
 
-KERNEL_MODULE = "clusten.fused.attention_triton"
+KERNEL_MODULE = "clusten.attention_triton"
 
 
 def _inputs(b=1, h=2, n=10, n_src=None, c=8, m=12, masked=True, dtype=torch.float64, seed=0, mask_dtype=torch.int64,
@@ -290,7 +290,7 @@ def test_triton_deterministic_mode_uses_twin_backward(kernels, monkeypatch):
 
 @pytest.mark.slow
 def test_benchmark_smoke(capsys):
-    from clusten.fused import benchmark
+    from clusten import benchmark
 
     benchmark.main(["--device", "cpu", "--small", "--repeat", "1", "--dtype", "fp32"])
     printed = capsys.readouterr().out

@@ -1,5 +1,4 @@
 """clusten.knn against brute force, including exact ties (lower database index first)."""
-import importlib
 
 import pytest
 import torch
@@ -76,15 +75,14 @@ def test_bad_k_is_named():
 
 
 def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypatch):
-    grid_module = importlib.import_module("clusten.fused.grid_knn")
     calls = []
-    real_grid = grid_module.grid_knn
+    real_grid = knn_search.grid_knn
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "grid_knn", spy)
+    monkeypatch.setattr(knn_search, "grid_knn", spy)
     monkeypatch.setattr(knn_search, "GRID_SEARCH_PAIRS", 100)
     g = torch.Generator().manual_seed(3)
     database = torch.randint(0, 40, (2, 300, 2), generator=g).float()

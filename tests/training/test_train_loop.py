@@ -12,7 +12,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 from .conftest import CONFIGS, REPO, TASKS, tiny_cfg, tiny_opts
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import clusten
-from clusten.fused import cluster_attention
-from clusten.fused.attention import MASK_LOGIT  # -100 on padding slots (the original's value, not -inf)
+from clusten import cluster_attention
+from clusten.attention import MASK_LOGIT  # -100 on padding slots (the original's value, not -inf)
 
 __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlock", "Mlp", "DropPath"]
 
@@ -21,7 +21,7 @@ def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, 
     """Softmax attention of each query over its neighbourhood plus a blank token.
 
     The one function boundary of the attention core: with ``fused`` (and local attention
-    without dropout) it runs ``clusten.fused.cluster_attention``, which computes the same thing
+    without dropout) it runs ``clusten.cluster_attention``, which computes the same thing
     in one pass; otherwise the unfused reference chain below.
     ``A = q . key[nbhd] + bias (- 100 on padding slots)``; the blank token adds a logit
     ``q . blank_k`` without bias; ``P = softmax([A, a0])`` (in float32);

@@ -3,5 +3,7 @@ BoostFormerHead (SEM_SEG_HEADS_REGISTRY, the latter two for detectron2's Semanti
 from .mask_former_head import MaskFormerHead
 from .maskformer_model import MaskFormer
 from .segformer_head import BoostFormerHead, SegFormerHead
+from .validation import InvalidInputError, check_batched_inputs, check_model_config
 
-__all__ = ["MaskFormer", "MaskFormerHead", "SegFormerHead", "BoostFormerHead"]
+__all__ = ["BoostFormerHead", "InvalidInputError", "MaskFormer", "MaskFormerHead", "SegFormerHead",
+           "check_batched_inputs", "check_model_config"]

@@ -26,13 +26,14 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 import clusten
 
-from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_weights
+from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
+from ..variants import resolve_variant
 
-__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoder", "grid_positions"]
+__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc", "grid_positions"]
 
 # the FPN step interpolates res3 onto res2 from the 4 nearest tokens with weights ~ d^-6
-FPN_SHEPARD_K = 4
+FPN_SHEPARD_K = 4  # at most SAMPLING_K: its neighbours are read off the sampling lookup
 FPN_SHEPARD_POWER = 3.0
 # PointConv (layer_1) neighbourhood: the token and its 8 nearest tokens
 POINTCONV_K = 9
@@ -41,9 +42,10 @@ SAMPLING_K = 4
 
 
 def build_pixel_decoder(cfg, input_shape):
-    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
+    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``, the grid or
+    point-cloud variant as the backbone returns (:mod:`aff_seg.modeling.variants`)."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    model = resolve_variant(SEM_SEG_HEADS_REGISTRY, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", name, cfg)(cfg, input_shape)
     if not callable(getattr(model, "forward_features", None)):
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} has no forward_features method, "
@@ -254,14 +256,17 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class MSDeformAttnPixelDecoder(nn.Module):
-    """AFF's pixel decoder on token point clouds (registered under upstream's name).
+class MSDeformAttnPixelDecoderPc(nn.Module):
+    """AFF's pixel decoder on token point clouds (``input_format = "tokens"``; configs name it
+    ``MSDeformAttnPixelDecoder``, see :mod:`aff_seg.modeling.variants`).
 
     ``forward_features(features)`` takes the backbone's dict (``res{i}`` ``b x n_i x C_i``,
     ``res{i}_pos`` ``b x n_i x 2``, ``res{i}_spatial_shape`` (h, w)) and returns
     ``(mask_features b x n_2 x mask_dim, res2 positions b x n_2 x 2, res5 encoder output,
     [res5, res4, res3] encoder outputs, [res5, res4, res3] positions)``.
     """
+
+    input_format = "tokens"
 
     @configurable
     def __init__(
@@ -374,9 +379,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         out = self.transformer(srcs, poss, pos_embeds, nb_idx, grid_hw)
 
         # FPN level: res3 encoder output interpolated onto the res2 tokens, plus the res2 adapter
+        # (the res2 tokens are the grid pixels, so their res3 neighbours are rows of nb_idx[-1])
         pos2 = features[fine + "_pos"].float()
+        pixel = (pos2[..., 1].long() * grid_hw[1] + pos2[..., 0].long()).unsqueeze(-1)  # b x n_2 x 1
+        fpn_idx = nb_idx[-1].gather(1, pixel.expand(-1, -1, nb_idx[-1].shape[-1]))[..., :FPN_SHEPARD_K]
+        fpn_neighbours = shepard_neighbours(pos2, poss[-1], power=FPN_SHEPARD_POWER, nn_idx=fpn_idx)
         y = self.adapter_1(features[fine])
-        y = y + shepard_interpolate(pos2, poss[-1], out[-1].to(y.dtype), k=FPN_SHEPARD_K, power=FPN_SHEPARD_POWER)
+        y = y + shepard_interpolate(out[-1].to(y.dtype), fpn_neighbours)
         nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K)  # b x n_2 x 9, the token itself first
         offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
         y = self.layer_1[0](y, nbhd_idx, offset)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import aff_seg  # noqa: F401
-from aff_seg.modeling.backbone.checkpoint import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer
 from aff_seg.modeling.backbone.segformer_weights import convert, detect_format
 from detectron2.modeling import build_model
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused cluster attention (math in :mod:`clusten.fused.attention`).
+"""Triton kernels of the fused cluster attention (math in :mod:`clusten.attention`).
 
 One program handles ``BLOCK_Q`` queries of one (batch, head) and walks their neighbourhoods in
 chunks of ``BLOCK_M`` slots, gathering ``BLOCK_Q x BLOCK_M x c`` keys/values by index (each query
@@ -23,7 +23,7 @@ from .attention import MASK_LOGIT, new_output
 _MASK_LOGIT = tl.constexpr(MASK_LOGIT)
 
 # Launch configurations. Chosen without a GPU, as the largest tiles that ptxas (sm_90, bf16,
-# c' = 32) compiles without register spills; to be re-tuned on a GPU (clusten.fused.benchmark --sweep).
+# c' = 32) compiles without register spills; to be re-tuned on a GPU (clusten.benchmark --sweep).
 FORWARD_CONFIG = dict(BLOCK_Q=8, BLOCK_M=16, num_warps=4)
 BACKWARD_CONFIG = dict(BLOCK_Q=8, BLOCK_M=8, num_warps=4)
 

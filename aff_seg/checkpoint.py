@@ -9,6 +9,9 @@
   its backbone tensors are mapped onto the model's backbone by name, the classifier is dropped,
   and one log line says what was mapped and what was dropped. detectron2's own report then
   lists whatever the model still misses (the output norms ``norm0..3`` and the heads).
+  An official Focal Transformer classification checkpoint (bare or under ``model``) is mapped
+  the same way onto the model's ``FocalTransformer`` module, by name, with its own report of
+  the new keys and of any key whose shape differs.
 
   It also reads SegFormer and BoostFormer checkpoints as their users have them (``segformer_weights``):
   NVlabs/mmseg ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and HuggingFace ``save_pretrained``
@@ -29,7 +32,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from . import segformer_weights
+from .modeling.backbone import segformer_weights
+from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
 __all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES"]
 
@@ -137,6 +141,9 @@ class AFFCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename}: not a detectron2-format .pkl (needs 'model' and '__author__')")
         if not isinstance(loaded, dict) or "model" not in loaded:
             loaded = {"model": loaded}
+        focal, dropped = focal_classification_state_dict(loaded["model"])
+        if focal is not None:
+            return self._focal_checkpoint(filename, focal, dropped)
         backbone, dropped = split_classification_checkpoint(loaded["model"])
         if backbone is None:
             return loaded
@@ -169,6 +176,31 @@ class AFFCheckpointer(DetectionCheckpointer):
             converted = {k: v for k, v in converted.items()
                          if k in model_state and v.shape == model_state[k].shape}
         return {"model": converted, "__author__": FORMATS_AUTHOR}
+
+    def _focal_checkpoint(self, filename, backbone, dropped):
+        """The Focal tensors under the name of the model's ``FocalTransformer``, with a report of
+        what the file adds, lacks and where the shapes differ (detectron2 skips those, with a warning)."""
+        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, FocalTransformer)]
+        if not found:
+            raise ValueError(f"{filename}: a Focal Transformer classification checkpoint, but the model has no FocalTransformer")
+        name, module = found[0]
+        prefix = name + "." if name else ""
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        new = sorted(set(expected) - set(backbone))
+        logger.info(
+            f"{filename}: Focal Transformer classification checkpoint; {len(backbone)} tensors mapped to "
+            f"'{prefix}*', classifier dropped: {', '.join(dropped) or 'none'}; new (not in the file): {', '.join(new) or 'none'}"
+        )
+        mismatched = [f"{k} {tuple(v.shape)} in the file, {expected[k]} in the model"
+                      for k, v in sorted(backbone.items()) if k in expected and tuple(v.shape) != expected[k]]
+        unused = sorted(set(backbone) - set(expected))
+        if mismatched or unused:
+            logger.warning(
+                f"{filename}: does not fit the model's Focal Transformer (another size or setting?); "
+                f"shapes differ (not loaded): {'; '.join(mismatched) or 'none'}; "
+                f"not in the model (not loaded): {', '.join(unused) or 'none'}"
+            )
+        return {"model": {prefix + k: v for k, v in backbone.items()}, "__author__": "Focal-Transformer classification"}
 
     def _backbone_prefix(self):
         for key in self.model.state_dict():

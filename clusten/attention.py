@@ -9,7 +9,7 @@ For query i of head h (``q`` already scaled by c'^-0.5, as the original's projec
 
 Two implementations of the same custom op (``torch.ops.clusten.cluster_attention_fwd`` / ``_bwd``):
 
-- Triton (:mod:`clusten.fused.attention_triton`): one pass per tile of queries with an online
+- Triton (:mod:`clusten.attention_triton`): one pass per tile of queries with an online
   softmax in float32; the forward writes only the output and the per-query logsumexp, the
   backward recomputes the probabilities from the logsumexp and scatters the key/value
   gradients with float32 atomics (summation order, hence the last bits, is not deterministic;
@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import build, reference
-from ..validation import check
+from . import build, reference
+from .validation import check
 
 MASK_LOGIT = -100.0  # added to the logit of a padded neighbour slot, as in the original
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

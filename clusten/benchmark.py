@@ -1,8 +1,8 @@
 """Benchmark of the fused cluster attention against the unfused chain, and of grid_knn against knn.
 
-    python -m clusten.fused.benchmark --device cuda --dtype bf16            # AFF-Tiny, ADE 512 x 512, batch 8
-    python -m clusten.fused.benchmark --device cuda --sweep                 # also try Triton tile sizes
-    python -m clusten.fused.benchmark --device cpu --small                  # smoke test (numbers indicative only)
+    python -m clusten.benchmark --device cuda --dtype bf16            # AFF-Tiny, ADE 512 x 512, batch 8
+    python -m clusten.benchmark --device cuda --sweep                 # also try Triton tile sizes
+    python -m clusten.benchmark --device cpu --small                  # smoke test (numbers indicative only)
 
 Attention: every stage of AFF-Tiny (c' = 32, M = 48) at the given canvas and batch, forward and
 forward + backward, milliseconds and peak memory, for
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from ..knn_search import brute_force_knn
-from ..ops import clusten_av, clusten_qk
+from .knn_search import brute_force_knn
+from .ops import clusten_av, clusten_qk
 from . import attention
-from .grid_knn import grid_knn
+from .knn_grid import grid_knn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_HEADS = (2, 4, 8, 16)  # AFF-Tiny heads per stage, c' = 32

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ..validation import check
+from .validation import check
 
 CANDIDATE_ELEMENTS = 1 << 23  # query x candidate slots per chunk (about 0.4 GB of temporaries)
 POINTS_NEAR_QUERY = 1.5  # cell side ~ 1.5 x the radius expected to hold k database points

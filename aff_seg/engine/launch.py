@@ -1,0 +1,135 @@
+"""Processes of a run: setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+__all__ = ["launch", "resolve_dist_backend", "setup_run"]
+
+
+def _environment_summary():
+    import platform
+
+    import detectron2
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, detectron2 {detectron2.__version__} "
+        f"(without its C++ extension: {detectron2.__file__}), {device}, {torch.get_num_threads()} CPU threads"
+    )
+
+
+def setup_run(cfg, args):
+    """detectron2's ``default_setup`` for this project: loggers (to ``OUTPUT_DIR/log.txt``, per
+    rank), the arguments and full config logged, ``config.yaml`` saved, RNGs seeded with
+    ``SEED + rank`` (``SEED < 0``: random).
+
+    It differs in one point: the environment summary does not come from detectron2's
+    ``collect_env_info``, which needs the C++ extension this installation lacks.
+    """
+    from detectron2.utils.env import seed_all_rng
+
+    output_dir = cfg.OUTPUT_DIR
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank, name="aff_seg")
+    logger = setup_logger(output_dir, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info(f"Environment: {_environment_summary()}")
+    logger.info(f"Command line arguments: {args}")
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        with open(path, "w") as f:
+            f.write(cfg.dump())
+        logger.info(f"Running with full config:\n{cfg.dump()}\nsaved to {path}")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def resolve_dist_backend(backend, device):
+    """"nccl" or "gloo" for ``backend`` ("auto", "nccl", "gloo") and the model's ``device``.
+
+    auto: NCCL when the model runs on CUDA and CUDA is available, gloo otherwise.
+    """
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"dist backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "gloo"
+
+
+def launch(
+    main_func,
+    num_processes_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    backend="nccl",
+    timeout=DEFAULT_TIMEOUT,
+):
+    """Run ``main_func(*args)`` in every process of a (possibly multi-machine) job.
+
+    Like ``detectron2.engine.launch`` (which only knows NCCL on GPUs), with a ``backend``:
+    "nccl" (one GPU per process) or "gloo" (CPU processes). With one process in all,
+    ``main_func`` runs in this process and no process group is created; nothing then waits on
+    a barrier.
+
+    Args:
+        num_processes_per_machine: processes started on this machine (GPUs for NCCL).
+        dist_url: rendezvous URL, e.g. "tcp://127.0.0.1:50152"; "auto" picks a free local port
+            (single machine only).
+    """
+    world_size = num_machines * num_processes_per_machine
+    if world_size <= 1:
+        main_func(*args)
+        return
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url must be given explicitly for a multi-machine job")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    if backend == "nccl" and num_processes_per_machine > torch.cuda.device_count():
+        raise ValueError(
+            f"{num_processes_per_machine} NCCL processes per machine need as many GPUs, "
+            f"found {torch.cuda.device_count()}; use backend 'gloo' for CPU processes"
+        )
+    mp.spawn(
+        _distributed_worker,
+        nprocs=num_processes_per_machine,
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, backend, timeout),
+        daemon=False,
+    )
+
+
+def _distributed_worker(
+    local_rank, main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, backend, timeout
+):
+    global_rank = machine_rank * num_processes_per_machine + local_rank
+    dist.init_process_group(
+        backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+    )
+    # detectron2's comm.get_local_rank/size read the group of this machine's processes
+    for machine in range(world_size // num_processes_per_machine):
+        ranks = list(range(machine * num_processes_per_machine, (machine + 1) * num_processes_per_machine))
+        group = dist.new_group(ranks)
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
