@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import aff_seg  # noqa: E402,F401  (compat fixes before detectron2)
+from aff_seg.checkpoint import CheckpointMismatchError  # noqa: E402
 from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -293,7 +294,7 @@ def main(argv=None):
             run_video(demo, args)
         else:
             run_webcam(demo, args)
-    except (InputError, ConfigError, FileNotFoundError) as e:
+    except (InputError, ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
     return 0

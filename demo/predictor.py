@@ -92,7 +92,7 @@ class VisualizationDemo:
         weights_free.MODEL.WEIGHTS = ""  # DefaultPredictor would read it with plain pickle
         self.predictor = DefaultPredictor(weights_free)
         if cfg.MODEL.WEIGHTS:
-            AFFCheckpointer(self.predictor.model).load(cfg.MODEL.WEIGHTS)
+            AFFCheckpointer(self.predictor.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
         self._backbone_outputs = None
 
     # -- prediction -----------------------------------------------------------------------
