@@ -18,11 +18,16 @@ unknown nodes and so left them out, the count includes
   weighted gathers of Shepard interpolation and the point deformable attention;
 * the fused cluster attention (``clusten::cluster_attention_fwd``: logits and weighted sum
   over the M neighbours and the blank token, ``2 * b * h * n * (M + 1) * c``);
+* the grid models' multi-scale deformable attention (``clusten::ms_deform_attn``: bilinear
+  sampling and weighting, ``5 * b * q * heads * levels * points * d``);
 * every KNN search, as the brute-force distance computation ``b * n * n_ * d`` (query
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
 
-``--exclude-custom-ops`` leaves all of them out again.  ``--use-fixed-input-size`` runs
+``--exclude-custom-ops`` leaves all of them out again.  The result also gives the total without the
+matrix products (``matmul``/``bmm``/``einsum``: the attention logits and weighted sums), which is how
+thop, the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs
 on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
 same, so one is analysed whatever ``-n`` says.
 """
@@ -83,23 +88,31 @@ def cluster_attention_flop(inputs, outputs):
     return 2 * b * h * n * (get_shape(inputs[3])[-1] + 1) * c
 
 
+def ms_deform_attn_flop(inputs, outputs):
+    """``value`` b x s x heads x d, locations b x q x heads x levels x points x 2."""
+    return clusten.ms_deform_attn_flop(get_shape(inputs[0]), get_shape(inputs[2]))
+
+
 def knn_flop(inputs, outputs):
     """``query`` b x n x d, ``database`` b x n_ x d: brute-force distances, b * n * n_ * d."""
     b, n, d = get_shape(inputs[0])
     return b * n * get_shape(inputs[1])[1] * d
 
 
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum")  # fvcore's operator names
+
 FLOP_HANDLES = {
     "clusten::gather_dot": gather_dot_flop,
     "clusten::gather_sum": gather_sum_flop,
     "clusten::scatter_sum": scatter_sum_flop,
     "clusten::cluster_attention_fwd": cluster_attention_flop,
+    "clusten::ms_deform_attn": ms_deform_attn_flop,
     KNN_OP: knn_flop,
 }
 ACTIVATION_HANDLES = {
     name: generic_activation_jit()
     for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum",
-                 "clusten::cluster_attention_fwd")
+                 "clusten::cluster_attention_fwd", "clusten::ms_deform_attn")
 }
 
 _plain_knn = clusten.knn
@@ -247,6 +260,9 @@ def do_flop(model, cfg, args):
         "num_inputs": len(totals),
         "custom_ops_counted": not args.exclude_custom_ops,
         "gflops_by_operator": {k: v / len(totals) / 1e9 for k, v in sorted(by_operator.items())},
+        "gflops_without_matmul": sum(
+            v for k, v in by_operator.items() if k not in MATRIX_PRODUCT_OPS
+        ) / len(totals) / 1e9,
         "gflops_by_module": {
             name: modules[name] / 1e9 for name in ("", "backbone", "sem_seg_head") if name in modules
         },
@@ -256,7 +272,10 @@ def do_flop(model, cfg, args):
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
     )
-    logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f}")
+    logger.info(
+        f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "
+        f"({result['gflops_without_matmul']:.2f} without the matrix products)"
+    )
     return result
 
 
