@@ -16,6 +16,7 @@ from detectron2.utils.memory import retry_if_cuda_oom
 
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
+from .validation import check_batched_inputs, check_model_config
 
 __all__ = ["MaskFormer", "check_num_classes"]
 
@@ -106,6 +107,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_model_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
@@ -158,19 +160,10 @@ class MaskFormer(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs):
-        """Normalise and pad the images of a batch into an ImageList."""
-        if len(batched_inputs) == 0:
-            raise ValueError("MaskFormer: batched_inputs is empty")
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0] or image.shape[1] == 0 \
-                    or image.shape[2] == 0:
-                raise ValueError(
-                    f"MaskFormer: image {i} must be a non-empty {self.pixel_mean.shape[0]} x H x W tensor, "
-                    f"got shape {tuple(image.shape)}"
-                )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        """Check the inputs (``check_batched_inputs``), normalise the images in float32 and pad them
+        into an ImageList (zeros, i.e. the mean colour, right and bottom)."""
+        check_batched_inputs(batched_inputs, self.pixel_mean.shape[0], type(self).__name__)
+        images = [(x["image"].to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs):
