@@ -138,7 +138,7 @@ def test_focal_attention_matches_the_key_count(analyze_model):
 def test_focal_configs_analyse_and_benchmark(analyze_model, benchmark, tiny_config, tmp_path):
     root = Path(__file__).resolve().parents[2]
     opts = tiny_config[1] + ["MODEL.FOCAL.EMBED_DIM", "16", "MODEL.FOCAL.DEPTHS", "[1, 1, 1, 1]"]
-    for config in ("configs/synthetic/ade20k_semantic_focal_point_cloud.yaml",):
+    for config in ("configs/synthetic/ade20k_semantic_focal_point_cloud.yaml", "configs/synthetic/ade20k_semantic_focal_grid.yaml"):
         flops = analyze_model.main(["--config-file", str(root / config), "--tasks", "flop",
                                     "--use-fixed-input-size", *opts])
         assert flops["gflops_by_operator"]["scaled_dot_product_attention"] > 0

@@ -45,7 +45,7 @@ class MapsAsTokens:
     after this mixin (``class Tokens(MapsAsTokens, SomeMapBackbone)``, same parameters and names).
     """
 
-    output_format = "tokens"
+    output_format = "tokens"  # the heads take their point-cloud variants (aff_seg.modeling.variants)
 
     def dense_maps(self, x):
         """x: ``b x 3 x H x W`` -> ``{res{i}: b x C_i x h_i x w_i}``."""
