@@ -26,8 +26,11 @@ unknown nodes and so left them out, the count includes
 
 ``--exclude-custom-ops`` leaves all of them out again.  Window attention through
 ``F.scaled_dot_product_attention`` (Focal, Swin) is always counted: logits and weighted sum,
-``batch * L * S * (E + Ev)`` for a query ``batch x L x E`` and a value ``batch x S x Ev``.  ``--use-fixed-input-size`` runs
-on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
+``batch * L * S * (E + Ev)`` for a query ``batch x L x E`` and a value ``batch x S x Ev``.
+The result also gives the total without the matrix products (``matmul``/``bmm``/``einsum``/
+``scaled_dot_product_attention``: the attention logits and weighted sums), which is how thop,
+the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
 same, so one is analysed whatever ``-n`` says.
 """
 import argparse
@@ -104,6 +107,8 @@ def attention_flop(inputs, outputs):
     query, key, value = (get_shape(inputs[i]) for i in range(3))
     return prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
 
+
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum", "scaled_dot_product_attention")  # fvcore's operator names
 
 FLOP_HANDLES = {
     "clusten::gather_dot": gather_dot_flop,
@@ -201,7 +206,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -265,6 +270,9 @@ def do_flop(model, cfg, args):
         "num_inputs": len(totals),
         "custom_ops_counted": not args.exclude_custom_ops,
         "gflops_by_operator": {k: v / len(totals) / 1e9 for k, v in sorted(by_operator.items())},
+        "gflops_without_matmul": sum(
+            v for k, v in by_operator.items() if k not in MATRIX_PRODUCT_OPS
+        ) / len(totals) / 1e9,
         "gflops_by_module": {
             name: modules[name] / 1e9 for name in ("", "backbone", "sem_seg_head") if name in modules
         },
@@ -274,7 +282,10 @@ def do_flop(model, cfg, args):
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
     )
-    logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f}")
+    logger.info(
+        f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "
+        f"({result['gflops_without_matmul']:.2f} without the matrix products)"
+    )
     return result
 
 
