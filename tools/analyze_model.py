@@ -30,8 +30,8 @@ unknown nodes and so left them out, the count includes
 The result also gives the total without the matrix products (``matmul``/``bmm``/``einsum``/
 ``scaled_dot_product_attention``: the attention logits and weighted sums), which is how thop,
 the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
-the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
-same, so one is analysed whatever ``-n`` says.
+the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the
+test set's images; those inputs are all the same, so one is analysed whatever ``-n`` says.
 """
 import argparse
 import contextlib
