@@ -6,6 +6,7 @@
   ``add_deeplab_config``;
 * Mask2Former's keys, with the AFF repository's defaults (its pixel decoder is the default);
 * ``MODEL.AFF.*``, the backbone keys of the original AFF configs;
+* ``MODEL.SWIN.*``, Mask2Former's Swin backbone keys;
 * what this project adds (``SOLVER.AMP.PRECISION``, ``MODEL.AFF.FUSED_ATTENTION`` ...).
 
 So the original AFF and Mask2Former config files merge unchanged.
@@ -148,6 +149,26 @@ def add_maskformer2_config(cfg):
     # MASK_FORMER.NHEADS heads (reference section 8.1)
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+    # Swin Transformer backbone (D2SwinTransformer; Mask2Former's keys and defaults)
+    cfg.MODEL.SWIN = CN()
+    swin = cfg.MODEL.SWIN
+    swin.PRETRAIN_IMG_SIZE = 224
+    swin.PATCH_SIZE = 4
+    swin.EMBED_DIM = 96
+    swin.DEPTHS = [2, 2, 6, 2]
+    swin.NUM_HEADS = [3, 6, 12, 24]
+    swin.WINDOW_SIZE = 7
+    swin.MLP_RATIO = 4.0
+    swin.QKV_BIAS = True
+    swin.QK_SCALE = None
+    swin.DROP_RATE = 0.0
+    swin.ATTN_DROP_RATE = 0.0
+    swin.DROP_PATH_RATE = 0.3
+    swin.APE = False
+    swin.PATCH_NORM = True
+    swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    swin.USE_CHECKPOINT = False
 
     # AutoFocusFormer backbone (the original's defaults, including their flaw: 3 heads do
     # not divide 32 channels; every shipped config sets both)

@@ -11,6 +11,9 @@ Public ops (argument order of the original autograd functions):
   (``brute_force_knn`` and the 2-D ``grid_knn`` give the same results)
 - ``cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)``: the fused
   cluster attention (Triton on CUDA, a PyTorch twin elsewhere), see :mod:`clusten.attention`
+- ``ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)``: multi-scale
+  deformable attention on dense maps (``b x s x heads x d`` -> ``b x q x heads*d``), PyTorch on
+  every device, see :mod:`clusten.ms_deform_attn`
 
 CUDA tensors use compiled kernels (built on first use) and everything else the PyTorch twins;
 ``CLUSTEN_BACKEND=torch|cuda`` forces either path (see :mod:`clusten.build`).
@@ -18,9 +21,11 @@ CUDA tensors use compiled kernels (built on first use) and everything else the P
 from .attention import cluster_attention
 from .knn_grid import grid_knn
 from .knn_search import brute_force_knn, knn
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_flop
 from .ops import clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
 __all__ = [
     "clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn",
-    "brute_force_knn", "grid_knn", "cluster_attention",
+    "brute_force_knn", "grid_knn", "cluster_attention", "ms_deform_attn",
+    "ms_deform_attn_flop",
 ]

@@ -18,6 +18,8 @@ unknown nodes and so left them out, the count includes
   weighted gathers of Shepard interpolation and the point deformable attention;
 * the fused cluster attention (``clusten::cluster_attention_fwd``: logits and weighted sum
   over the M neighbours and the blank token, ``2 * b * h * n * (M + 1) * c``);
+* the grid models' multi-scale deformable attention (``clusten::ms_deform_attn``: bilinear
+  sampling and weighting, ``5 * b * q * heads * levels * points * d``);
 * every KNN search, as the brute-force distance computation ``b * n * n_ * d`` (query
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
@@ -83,6 +85,11 @@ def cluster_attention_flop(inputs, outputs):
     return 2 * b * h * n * (get_shape(inputs[3])[-1] + 1) * c
 
 
+def ms_deform_attn_flop(inputs, outputs):
+    """``value`` b x s x heads x d, locations b x q x heads x levels x points x 2."""
+    return clusten.ms_deform_attn_flop(get_shape(inputs[0]), get_shape(inputs[2]))
+
+
 def knn_flop(inputs, outputs):
     """``query`` b x n x d, ``database`` b x n_ x d: brute-force distances, b * n * n_ * d."""
     b, n, d = get_shape(inputs[0])
@@ -94,12 +101,13 @@ FLOP_HANDLES = {
     "clusten::gather_sum": gather_sum_flop,
     "clusten::scatter_sum": scatter_sum_flop,
     "clusten::cluster_attention_fwd": cluster_attention_flop,
+    "clusten::ms_deform_attn": ms_deform_attn_flop,
     KNN_OP: knn_flop,
 }
 ACTIVATION_HANDLES = {
     name: generic_activation_jit()
     for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum",
-                 "clusten::cluster_attention_fwd")
+                 "clusten::cluster_attention_fwd", "clusten::ms_deform_attn")
 }
 
 _plain_knn = clusten.knn

@@ -1,4 +1,5 @@
-"""Mask2Former's masked-attention transformer decoder, on token point clouds (reference section 6).
+"""Mask2Former's masked-attention transformer decoder: the modules both variants share and the
+variant on token point clouds (the grid variant is in ``mask2former_transformer_decoder_grid``).
 
 Differences from upstream (9b0651c), all needed to load the AFF checkpoints:
 * sources are token lists ``b x n_l x c`` with positions, not feature maps; ``input_proj`` is a
@@ -19,9 +20,15 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
 from ..point_utils import points_to_canvas, shepard_interpolate, shepard_neighbours
+from ..variants import resolve_variant
 from .position_encoding import PointPositionEmbeddingSine
 
-__all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
+__all__ = [
+    "TRANSFORMER_DECODER_REGISTRY",
+    "build_transformer_decoder",
+    "MaskedTransformerDecoderBase",
+    "MultiScaleMaskedTransformerDecoderPc",
+]
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = "Registry for the transformer decoder (predictor) of MaskFormer."
@@ -33,9 +40,11 @@ MASK_SHEPARD_POWER = 3.0
 
 
 def build_transformer_decoder(cfg, in_channels, mask_classification=True):
-    """Build the decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
-    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
-    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)
+    """Build the decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``, the grid or
+    point-cloud variant as the backbone returns (:mod:`aff_seg.modeling.variants`)."""
+    key = "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"
+    decoder = resolve_variant(TRANSFORMER_DECODER_REGISTRY, key, cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME, cfg)
+    return decoder(cfg, in_channels, mask_classification)
 
 
 def _xavier_init(module):
@@ -115,9 +124,13 @@ class MLP(nn.Module):
         return x
 
 
-@TRANSFORMER_DECODER_REGISTRY.register()
-class MultiScaleMaskedTransformerDecoder(nn.Module):
+class MaskedTransformerDecoderBase(nn.Module):
+    """Modules and config of Mask2Former's masked-attention decoder, shared by the grid
+    (``MultiScaleMaskedTransformerDecoder``) and point-cloud (``MultiScaleMaskedTransformerDecoderPc``)
+    variants; they differ in ``make_position_encoding``, ``make_input_proj`` and ``forward``."""
+
     _version = 2
+    num_feature_levels = 3  # res5, res4, res3, round robin (a subclass may use more)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -165,9 +178,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         """
         super().__init__()
         if not mask_classification:
-            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask_classification=True")
+            raise ValueError(f"{type(self).__name__} only supports mask_classification=True")
         self.mask_classification = mask_classification
-        self.pe_layer = PointPositionEmbeddingSine(hidden_dim // 2)
+        self.pe_layer = self.make_position_encoding(hidden_dim // 2)
         self.num_heads = nheads
         self.num_layers = dec_layers
         self.transformer_self_attention_layers = nn.ModuleList()
@@ -186,12 +199,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positions
 
-        self.num_feature_levels = 3  # res5, res4, res3, round robin
         self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
         self.input_proj = nn.ModuleList()
         for _ in range(self.num_feature_levels):
             if in_channels != hidden_dim or enforce_input_project:
-                self.input_proj.append(nn.Linear(in_channels, hidden_dim))
+                self.input_proj.append(self.make_input_proj(in_channels, hidden_dim))
                 weight_init.c2_xavier_fill(self.input_proj[-1])
             else:
                 self.input_proj.append(nn.Sequential())
@@ -218,6 +230,25 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
+
+    def make_position_encoding(self, num_pos_feats):
+        raise NotImplementedError
+
+    def make_input_proj(self, in_channels, hidden_dim):
+        raise NotImplementedError
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
+    """AFF's decoder on token point clouds (``input_format = "tokens"``)."""
+
+    input_format = "tokens"
+
+    def make_position_encoding(self, num_pos_feats):
+        return PointPositionEmbeddingSine(num_pos_feats)
+
+    def make_input_proj(self, in_channels, hidden_dim):
+        return nn.Linear(in_channels, hidden_dim)
 
     def forward(self, x, pos, mask_features, mf_pos, mask=None):
         """

@@ -8,9 +8,9 @@ from heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake b
 
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher
-from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoder, grid_positions
+from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoderPc, grid_positions
 from aff_seg.modeling.point_utils import points_to_canvas, shepard_neighbours
-from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder, PointPositionEmbeddingSine
+from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoderPc, PointPositionEmbeddingSine
 
 
 def test_position_encoding_layout():
@@ -99,7 +99,7 @@ def test_deformable_attention_gradients_reach_offsets_and_power():
 
 
 def small_decoder(num_classes=3, queries=5, dim=32, layers=4):
-    return MultiScaleMaskedTransformerDecoder(
+    return MultiScaleMaskedTransformerDecoderPc(
         dim, num_classes=num_classes, hidden_dim=dim, num_queries=queries, nheads=4, dim_feedforward=64,
         dec_layers=layers, pre_norm=False, mask_dim=dim, enforce_input_project=False)
 
@@ -113,7 +113,7 @@ def test_pixel_decoder_outputs():
     torch.manual_seed(0)
     feats = fake_features()
     shapes = FakeTokenBackbone().output_shape()
-    decoder = MSDeformAttnPixelDecoder(
+    decoder = MSDeformAttnPixelDecoderPc(
         shapes, transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=64,
         transformer_enc_layers=2, conv_dim=32, mask_dim=24, transformer_in_features=["res3", "res4", "res5"],
         common_stride=4, shepard_power=3.0, shepard_power_learnable=True)
