@@ -260,7 +260,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             mask: unused (padding is not masked, as upstream).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
-            ``aux_outputs`` (one such dict per earlier prediction).
+            ``aux_outputs`` (in training, one such dict per earlier prediction; empty in eval).
         """
         del mask
         if len(x) != self.num_feature_levels:
@@ -283,8 +283,10 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
+        # in inference only the last prediction's dense masks are used (aux_outputs feed the
+        # training losses): the others skip the b x Q x h x w canvas
         outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-            output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw, self.training or self.num_layers == 0)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
@@ -297,7 +299,8 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw)
+                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw,
+                self.training or i == self.num_layers - 1)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
@@ -306,7 +309,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             "pred_masks": predictions_mask[-1],
             "aux_outputs": [
                 {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
+            ] if self.training else [],
         }
 
     @staticmethod
@@ -321,13 +324,14 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             )
         return h, w
 
-    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw):
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw, with_canvas=True):
         """
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
             target_neighbours: ``shepard_neighbours(level positions, mf_pos)`` of the level the
                 next layer attends to (``b x n_l x k`` indices and weights).
             canvas_hw: (h, w) of the stride-4 canvas.
+            with_canvas: scatter the mask logits onto the canvas (else None is returned for them).
         Returns:
             class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the attention
             mask ``b*heads x Q x n_l`` (True = blocked), detached.
@@ -340,6 +344,5 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
             attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
             attn_mask = attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
-        h, w = canvas_hw
-        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
-        return outputs_class, outputs_mask, attn_mask
+        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, *canvas_hw) if with_canvas else None
+        return outputs_class, outputs_mask, attn_mask  # masks: b x Q x h x w
