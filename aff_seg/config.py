@@ -137,6 +137,20 @@ def add_maskformer2_config(cfg):
     mf.TEST.SANITY_CHECK = False
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
 
+    # FASeg's decoder (dynamic focus-aware positional queries + high-resolution cross-attention),
+    # the constants the original hard-wires, with its values (docs/faseg.md)
+    mf.FASEG = CN()
+    # high-resolution layers attend to the res2 cells of the top (res5 cells // OMEGA_RATE) res5 cells
+    mf.FASEG.OMEGA_RATE = 32
+    # a query attends to the tokens where its predicted mask probability reaches this
+    mf.FASEG.ATTN_MASK_THRESHOLD = 0.15
+    # the first positional queries pool the res5 encodings over the predicted masks, thresholded here;
+    # COMPLEMENT pools where the probability is *below* it, as the original (and its weights) do
+    mf.FASEG.INIT_POOL_THRESHOLD = 0.5
+    mf.FASEG.INIT_POOL_COMPLEMENT = True
+    # every HR_EVERY-th decoder layer is a high-resolution layer (0: none, positional queries only)
+    mf.FASEG.HR_EVERY = 4
+
     head = cfg.MODEL.SEM_SEG_HEAD
     head.MASK_DIM = 256
     head.TRANSFORMER_ENC_LAYERS = 0
