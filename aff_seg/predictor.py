@@ -206,6 +206,12 @@ class VisualizationDemo:
         """
         if not with_tokens:
             return self.predictor(image), None
+        backbone = self.predictor.model.backbone
+        if getattr(backbone, "output_format", "maps") != "tokens":
+            raise ValueError(
+                f"--show-tokens needs a backbone that returns tokens; MODEL.BACKBONE.NAME="
+                f"{self.predictor.cfg.MODEL.BACKBONE.NAME!r} returns dense maps"
+            )
         hook = self.predictor.model.backbone.register_forward_hook(self._keep_backbone_outputs)
         try:
             predictions = self.predictor(image)
