@@ -36,6 +36,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import AFFCheckpointer
 from .config import load_config
+from .evaluation import SlidingWindowInference
 from .solver import AMP_DTYPES
 
 __all__ = ["Predictor", "StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens",
@@ -118,7 +119,8 @@ class Predictor(DefaultPredictor):
 
     Calling it on an ``H x W x 3`` uint8 BGR image returns the model's output dict for that
     image at its original size (``sem_seg``: ``K x H x W`` scores, ``instances``,
-    ``panoptic_seg``), float tensors in float32 also under ``TEST.AMP``.
+    ``panoptic_seg``), float tensors in float32 also under ``TEST.AMP``; with
+    ``TEST.SLIDING_WINDOW.ENABLED`` the model runs on sliding windows and returns ``sem_seg`` only.
     ``predictor.cfg`` is the frozen config used.
     """
 
@@ -145,6 +147,8 @@ class Predictor(DefaultPredictor):
         self.cfg = cfg
         if cfg.MODEL.WEIGHTS:
             AFFCheckpointer(self.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
+        if cfg.TEST.SLIDING_WINDOW.ENABLED:
+            self.model = SlidingWindowInference.from_config(cfg, self.model)
 
     def __call__(self, image):
         with inference_autocast(self.cfg):
@@ -202,6 +206,12 @@ class VisualizationDemo:
         """
         if not with_tokens:
             return self.predictor(image), None
+        backbone = self.predictor.model.backbone
+        if getattr(backbone, "output_format", "maps") != "tokens":
+            raise ValueError(
+                f"--show-tokens needs a backbone that returns tokens; MODEL.BACKBONE.NAME="
+                f"{self.predictor.cfg.MODEL.BACKBONE.NAME!r} returns dense maps"
+            )
         hook = self.predictor.model.backbone.register_forward_hook(self._keep_backbone_outputs)
         try:
             predictions = self.predictor(image)
