@@ -6,6 +6,7 @@
   ``add_deeplab_config``;
 * Mask2Former's keys, with the AFF repository's defaults (its pixel decoder is the default);
 * ``MODEL.AFF.*``, the backbone keys of the original AFF configs;
+* ``MODEL.SWIN.*``, Mask2Former's Swin backbone keys;
 * what this project adds (``SOLVER.AMP.PRECISION``, ``MODEL.AFF.FUSED_ATTENTION`` ...).
 
 So the original AFF and Mask2Former config files merge unchanged.
@@ -97,6 +98,10 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # AMP dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16" (float16 uses a GradScaler)
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    # inference (aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
+    cfg.TEST.AMP = CN()
+    cfg.TEST.AMP.ENABLED = False
+    cfg.TEST.AMP.PRECISION = "bfloat16"
 
     # Mask2Former
     cfg.MODEL.MASK_FORMER = CN()
@@ -132,6 +137,20 @@ def add_maskformer2_config(cfg):
     mf.TEST.SANITY_CHECK = False
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
 
+    # FASeg's decoder (dynamic focus-aware positional queries + high-resolution cross-attention),
+    # the constants the original hard-wires, with its values (docs/faseg.md)
+    mf.FASEG = CN()
+    # high-resolution layers attend to the res2 cells of the top (res5 cells // OMEGA_RATE) res5 cells
+    mf.FASEG.OMEGA_RATE = 32
+    # a query attends to the tokens where its predicted mask probability reaches this
+    mf.FASEG.ATTN_MASK_THRESHOLD = 0.15
+    # the first positional queries pool the res5 encodings over the predicted masks, thresholded here;
+    # COMPLEMENT pools where the probability is *below* it, as the original (and its weights) do
+    mf.FASEG.INIT_POOL_THRESHOLD = 0.5
+    mf.FASEG.INIT_POOL_COMPLEMENT = True
+    # every HR_EVERY-th decoder layer is a high-resolution layer (0: none, positional queries only)
+    mf.FASEG.HR_EVERY = 4
+
     head = cfg.MODEL.SEM_SEG_HEAD
     head.MASK_DIM = 256
     head.TRANSFORMER_ENC_LAYERS = 0
@@ -141,6 +160,26 @@ def add_maskformer2_config(cfg):
     # MASK_FORMER.NHEADS heads (reference section 8.1)
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+    # Swin Transformer backbone (D2SwinTransformer; Mask2Former's keys and defaults)
+    cfg.MODEL.SWIN = CN()
+    swin = cfg.MODEL.SWIN
+    swin.PRETRAIN_IMG_SIZE = 224
+    swin.PATCH_SIZE = 4
+    swin.EMBED_DIM = 96
+    swin.DEPTHS = [2, 2, 6, 2]
+    swin.NUM_HEADS = [3, 6, 12, 24]
+    swin.WINDOW_SIZE = 7
+    swin.MLP_RATIO = 4.0
+    swin.QKV_BIAS = True
+    swin.QK_SCALE = None
+    swin.DROP_RATE = 0.0
+    swin.ATTN_DROP_RATE = 0.0
+    swin.DROP_PATH_RATE = 0.3
+    swin.APE = False
+    swin.PATCH_NORM = True
+    swin.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    swin.USE_CHECKPOINT = False
 
     # AutoFocusFormer backbone (the original's defaults, including their flaw: 3 heads do
     # not divide 32 channels; every shipped config sets both)
@@ -166,4 +205,81 @@ def add_maskformer2_config(cfg):
     aff.SHEPARD_POWER_LEARNABLE = True
     # this project: cluster attention through the fused op (False: the unfused reference chain)
     aff.FUSED_ATTENTION = True
+
+    # Focal Transformer backbone (D2FocalTransformer): the original's key names, defaults = the
+    # published Focal-T (the original's own defaults, FOCAL_POOL "none" and FOCAL_LEVELS 1,
+    # describe no published model)
+    cfg.MODEL.FOCAL = CN()
+    focal = cfg.MODEL.FOCAL
+    focal.EMBED_DIM = 96
+    focal.DEPTHS = [2, 2, 6, 2]
+    focal.NUM_HEADS = [3, 6, 12, 24]
+    focal.WINDOW_SIZE = 7
+    focal.MLP_RATIO = 4.0
+    focal.QKV_BIAS = True
+    focal.QK_SCALE = None  # None (or False, as in the original's configs): head_dim ** -0.5
+    focal.DROP_RATE = 0.0
+    focal.ATTN_DROP_RATE = 0.0
+    focal.DROP_PATH_RATE = 0.2
+    focal.APE = False  # True is refused
+    focal.PATCH_NORM = True
+    focal.USE_SHIFT = False  # True is refused
+    focal.FOCAL_POOL = "fc"  # "fc", "mean", "max", "conv" or "none"
+    focal.FOCAL_STAGES = [0, 1, 2, 3]
+    focal.FOCAL_LEVELS = [2, 2, 2, 2]  # 0, 1 or 2 per stage
+    focal.FOCAL_WINDOWS = [7, 5, 3, 1]
+    focal.EXPAND_STAGES = [0, 1, 2, 3]  # ignored by the original; only all stages are accepted
+    focal.EXPAND_SIZES = [3, 3, 3, 3]
+    focal.EXPAND_LAYER = "all"  # "all", "even" or "odd" (blocks without the ring)
+    focal.USE_CONV_EMBED = False
+    focal.USE_LAYERSCALE = False
+    focal.LAYERSCALE_VALUE = 1e-4
+    focal.USE_PRE_NORM = False
+    focal.USE_CHECKPOINT = False
+    # this project: the pretraining resolution decides which stages have the ring
+    focal.PRETRAIN_IMG_SIZE = 224
+    focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
+    cfg.MODEL.MIT = CN()
+    mit = cfg.MODEL.MIT
+    mit.EMBED_DIMS = [64, 128, 320, 512]
+    mit.DEPTHS = [3, 4, 6, 3]
+    mit.NUM_HEADS = [1, 2, 5, 8]
+    mit.SR_RATIOS = [8, 4, 2, 1]
+    mit.MLP_RATIOS = [4, 4, 4, 4]
+    mit.PATCH_SIZES = [7, 3, 3, 3]
+    mit.STRIDES = [4, 2, 2, 2]
+    mit.QKV_BIAS = True
+    mit.DROP_PATH_RATE = 0.1
+    # eps of the block and stage LayerNorms: 1e-6 as NVlabs, 1e-5 as HuggingFace
+    mit.LN_EPS = 1e-6
+    mit.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # BoostFormer encoder (D2BoostFormer); defaults: the only published size
+    cfg.MODEL.BOOSTFORMER = CN()
+    bf = cfg.MODEL.BOOSTFORMER
+    bf.EMBED_DIMS = [64, 128, 320, 512]
+    bf.DEPTHS = [3, 4, 6, 3]
+    bf.NUM_HEADS = [1, 2, 5, 8]
+    bf.BLOCK_TYPES = ["pool", "pool", "attn", "attn"]
+    bf.MLP_RATIOS = [4, 4, 4, 4]
+    bf.PATCH_SIZES = [7, 3, 3, 3]
+    bf.STRIDES = [4, 2, 2, 2]
+    bf.TOKEN_POOL_SIZE = 3  # average pool of the pool blocks' token mixer
+    bf.KV_POOL_SIZE = 7  # keys/values of the attention blocks: an adaptive KV_POOL_SIZE^2 pool of the map
+    bf.MIX_KERNELS = [3, 5]  # depthwise kernels on the two halves of the MixCFN channels
+    bf.LAYER_SCALE_INIT = 1e-5
+    bf.NORM = "SyncBN"  # the BatchNorms in the pool blocks and MixCFNs: "BN" or "SyncBN"
+    bf.DROP_PATH_RATE = 0.1
+    bf.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # all-MLP semantic heads (SegFormerHead, BoostFormerHead): dropout before the classifier
+    head.DROPOUT = 0.1
+
+    # sliding-window inference of semantic models: SIZE (h, w) windows every STRIDE (h, w) pixels
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.SIZE = [1024, 1024]
+    cfg.TEST.SLIDING_WINDOW.STRIDE = [768, 768]
     return cfg

@@ -12,6 +12,9 @@ Public ops (argument order of the original autograd functions):
 - ``cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)``: the fused
   cluster attention (Triton on CUDA), see :mod:`clusten.attention`; its reference, the chain of
   ops of the original, is ``cluster_attention_reference``.
+- ``ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)``: multi-scale
+  deformable attention on dense maps (``b x s x heads x d`` -> ``b x q x heads*d``), PyTorch on
+  every device, see :mod:`clusten.ms_deform_attn`
 
 Backends (:mod:`clusten.backends`): CUDA tensors use the device kernels (built on first use) and
 everything else the PyTorch references; ``set_backend("torch")`` / ``with backend("cuda"):``
@@ -22,10 +25,12 @@ from .attention import cluster_attention
 from .backends import backend, can_run, get_backend, set_backend
 from .knn_grid import grid_knn
 from .knn_search import brute_force_knn, get_knn_method, knn, knn_method, set_knn_method
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_flop
 from .ops import cluster_attention_reference, clusten_av, clusten_qk, clusten_wf, msdetrpc, weighted_gather
 
 __all__ = [
     "clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn",
-    "brute_force_knn", "grid_knn", "cluster_attention", "cluster_attention_reference",
-    "backend", "can_run", "get_backend", "set_backend", "get_knn_method", "knn_method", "set_knn_method",
+    "brute_force_knn", "grid_knn", "cluster_attention", "cluster_attention_reference", "ms_deform_attn",
+    "ms_deform_attn_flop", "backend", "can_run", "get_backend", "set_backend", "get_knn_method", "knn_method",
+    "set_knn_method",
 ]

@@ -15,11 +15,15 @@ fvcore's: one multiply-add is one flop, elementwise work and sorting are not cou
   together these are every unfused neighbourhood op and their gradients;
 - ``clusten::cluster_attention_fwd``: the logits and the weighted sum over the M neighbours and
   the blank token, ``2 * b * h * n * (M + 1) * c``;
+- ``clusten::ms_deform_attn``: bilinear sampling and weighting, ``5 * b * q * heads * levels *
+  points * d`` (:func:`clusten.ms_deform_attn_flop`);
 - ``clusten::knn``: the brute-force distance computation ``b * n * n_ * d`` (query ``b x n x d``
   against database ``b x n_ x d``), whichever search runs; the selection of the k nearest is
   not counted.
 """
 from math import prod
+
+from .ms_deform_attn import ms_deform_attn_flop
 
 __all__ = ["ACTIVATION_HANDLES", "FLOP_HANDLES"]
 
@@ -50,6 +54,11 @@ def cluster_attention_flop(inputs, outputs):
     return 2 * b * h * n * (_shape(inputs[3])[-1] + 1) * c
 
 
+def ms_deform_attn_op_flop(inputs, outputs):
+    """``value`` b x s x heads x d, locations b x q x heads x levels x points x 2."""
+    return ms_deform_attn_flop(_shape(inputs[0]), _shape(inputs[2]))
+
+
 def knn_flop(inputs, outputs):
     """``query`` b x n x d, ``database`` b x n_ x d: b * n * n_ * d."""
     b, n, d = _shape(inputs[0])
@@ -66,6 +75,7 @@ FLOP_HANDLES = {
     "clusten::gather_sum": gather_sum_flop,
     "clusten::scatter_sum": scatter_sum_flop,
     "clusten::cluster_attention_fwd": cluster_attention_flop,
+    "clusten::ms_deform_attn": ms_deform_attn_op_flop,
     "clusten::knn": knn_flop,
 }
 #: the ops whose outputs are activations (the KNN's indices are not)
@@ -74,5 +84,6 @@ ACTIVATION_HANDLES = {
     "clusten::gather_sum": output_activations,
     "clusten::scatter_sum": output_activations,
     "clusten::cluster_attention_fwd": output_activations,
+    "clusten::ms_deform_attn": output_activations,
     "clusten::knn": None,
 }

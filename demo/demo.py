@@ -2,10 +2,18 @@
 
 Examples::
 
-    python demo/demo.py --config-file CFG --input 'imgs/*.jpg' --output out/ \\
-        --opts MODEL.WEIGHTS model.pkl
+    python demo/demo.py --config-file CFG --input 'imgs/*.jpg' --output out/ MODEL.WEIGHTS model.pkl
     python demo/demo.py --config-file CFG --input a.jpg --show-tokens --output out/
     python demo/demo.py --config-file CFG --video-input clip.mp4 --output out/
+    python demo/demo.py --config-file CFG --webcam --output webcam.mp4
+
+Config overrides are ``KEY VALUE`` pairs at the end (``--opts KEY VALUE ...`` is the same).
+Where results go (one rule for images, tokens and video): ``--output`` names a folder when it
+is one already, ends with ``/``, has no file extension, or several images are given; each
+result is then ``<folder>/<input name>`` (a video or the webcam: ``<folder>/<name>.mp4``).
+Otherwise ``--output`` is the file itself.  Every run ends with a line naming what it wrote.
+Without ``--output`` results are shown in a window, which needs an OpenCV built with GUI
+support (``pip install .[gui]``; the default install is headless).
 
 ``--show-tokens`` saves, beside each prediction, one image per backbone stage showing the
 tokens adaptive downsampling kept (``<name>_tokens_res2.png`` ...) and a
@@ -19,27 +27,33 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
 
 import cv2
 import numpy as np
-import torch
 import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import aff_seg  # noqa: E402,F401  (compat fixes before detectron2)
 from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from predictor import VisualizationDemo, draw_kept_tokens  # noqa: E402
+from aff_seg.predictor import VisualizationDemo, draw_kept_tokens  # noqa: E402
 
 WINDOW_NAME = "aff_seg demo"
 # video container -> fourcc that opencv's bundled ffmpeg can write
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# a config key as given on the command line: MODEL.WEIGHTS, SOLVER.AMP.ENABLED ...
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+NO_GUI = (
+    "showing results in a window needs OpenCV with GUI support, and this one is headless: "
+    "install it with `pip install .[gui]`, or pass --output FILE_OR_FOLDER to save the results"
+)
 
 logger = logging.getLogger("aff_seg.demo")
 
@@ -49,18 +63,27 @@ class InputError(RuntimeError):
 
 
 def setup_cfg(args):
-    """Config from ``--config-file`` and ``--opts``; the model runs on the CPU when CUDA is
-    unavailable."""
+    """Config from ``--config-file`` and the overrides (the predictor runs it on the CPU when
+    CUDA is unavailable)."""
     cfg = load_config(args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: running on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
 
+def gui_available():
+    """Whether this OpenCV can open windows (its build information lists a GUI backend)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            return line.split(":", 1)[1].strip().upper() != "NONE"
+    return True
+
+
 def get_parser():
-    parser = argparse.ArgumentParser(description="aff_seg demo")
+    parser = argparse.ArgumentParser(
+        description="Predict with an AFF model on images, a video or a webcam and draw the results. "
+        "They are saved with --output, else shown in a window (needs `pip install .[gui]`). "
+        "Config overrides KEY VALUE come last.",
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config file")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
@@ -70,8 +93,11 @@ def get_parser():
     )
     parser.add_argument(
         "--output",
-        help="file or directory to save the visualisations to; without it they are shown "
-        "in a window. With several inputs it is a directory.",
+        metavar="FILE_OR_FOLDER",
+        help="where to save the results: a folder (one that exists, ends with '/', has no "
+        "extension, or several images) gets <folder>/<input name>; else the file itself "
+        "(an image extension for images, .mp4/.avi for a video or the webcam). Without "
+        "--output the results are shown in a window",
     )
     parser.add_argument(
         "--confidence-threshold",
@@ -91,13 +117,36 @@ def get_parser():
         help="also save, per backbone stage, the tokens adaptive downsampling kept "
         "(image inputs only; needs --output)",
     )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (last)")
     parser.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config overrides as KEY VALUE pairs; must come last",
+        "--opts", dest="more_opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
+        help="the same config overrides, detectron2-demo style (last)",
     )
     return parser
+
+
+def parse_args(argv=None):
+    """The arguments, overrides gathered in ``args.opts``; exits with one line when the results
+    would need a window this OpenCV cannot open."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.input:  # --input takes several values: the first config key ends them
+        keys = [i for i, value in enumerate(args.input) if CONFIG_KEY.match(value)]
+        if keys:
+            args.input, args.opts = args.input[: keys[0]], args.input[keys[0]:] + args.opts
+        if not args.input:
+            parser.error("--input: no image given before the config overrides")
+    args.opts = list(args.opts) + list(args.more_opts)
+    if not args.output and not gui_available():
+        parser.exit(2, f"{parser.prog}: error: {NO_GUI}\n")
+    if args.output and os.path.splitext(args.output)[1] and not is_folder(args.output, args):
+        ext = os.path.splitext(args.output)[1].lower()
+        allowed = IMAGE_EXTENSIONS if args.input else tuple(VIDEO_CODECS)
+        if ext not in allowed:
+            kind = "image results" if args.input else "a video"
+            parser.exit(2, f"{parser.prog}: error: --output {args.output}: {kind} must be saved as one of "
+                           f"{', '.join(allowed)} (or name a folder)\n")
+    return args
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -134,16 +183,27 @@ def load_image(path):
     return image
 
 
-def output_path(output, input_path, many):
-    """Where the visualisation of ``input_path`` goes: inside ``output`` when it is a
-    directory (always with several inputs), else ``output`` itself."""
-    if many or os.path.isdir(output) or output.endswith(os.sep):
-        os.makedirs(output, exist_ok=True)
-        return os.path.join(output, os.path.basename(input_path))
-    parent = os.path.dirname(output)
+def is_folder(output, args):
+    """Whether ``--output`` names a folder (module docstring): it is one, ends with a path
+    separator, has no extension, or several images are given."""
+    many = bool(args.input) and (len(args.input) > 1 or glob.has_magic(args.input[0]))
+    return many or os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]
+
+
+def output_path(output, folder, name):
+    """The file a result goes to: ``<output>/<name>`` when ``output`` is a folder, else
+    ``output``; the folder (or the file's parent) is created."""
+    path = os.path.join(output, name) if folder else output
+    parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    return output
+    return path
+
+
+def image_result_name(input_path):
+    """``<input name>``, as ``.png`` when its extension is not one OpenCV writes."""
+    stem, ext = os.path.splitext(os.path.basename(input_path))
+    return stem + (ext if ext.lower() in IMAGE_EXTENSIONS else ".png")
 
 
 def save_tokens(out_filename, image, tokens):
@@ -180,9 +240,15 @@ def show(image, wait_ms):
 
 
 def run_images(demo, args):
-    """Process every image; returns the list of error messages of skipped inputs."""
+    """Process every image.
+
+    Returns:
+        (errors, written): the messages of skipped inputs, and what was saved (the file of a
+        single image, else the folder; None when shown in a window).
+    """
     paths, errors = expand_inputs(args.input)
-    many = len(paths) > 1
+    folder = bool(args.output) and (len(paths) > 1 or is_folder(args.output, args))
+    written = None
     if args.show_tokens and not args.output:
         raise InputError("--show-tokens saves images: pass --output")
     for path in tqdm.tqdm(paths, disable=not args.output):
@@ -205,14 +271,15 @@ def run_images(demo, args):
             )
         )
         if args.output:
-            out_filename = output_path(args.output, path, many)
+            out_filename = output_path(args.output, folder, image_result_name(path))
             vis_output.save(out_filename)
+            written = out_filename if len(paths) == 1 else args.output
             if tokens is not None:
                 counts = save_tokens(out_filename, canvas if canvas is not None else image, tokens)
                 logger.info(f"{path}: kept tokens per stage {counts}")
         elif show(vis_output.get_image()[:, :, ::-1], 0) == 27:
             break  # esc
-    return errors
+    return errors, written
 
 
 def open_video(source):
@@ -233,19 +300,22 @@ def video_writer(path, fps, width, height):
 
 
 def run_video(demo, args):
-    video = open_video(args.video_input)
+    """Annotate every frame of ``--video-input`` or of webcam 0 (``--webcam``, until esc in the
+    window, or until the camera stops) and save them to a video (``--output``) or show them.
+
+    Returns:
+        the video file written, or None when shown in a window.
+    """
+    source = 0 if args.webcam else args.video_input
+    video = open_video(source)
     width = int(video.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
-    num_frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
-    writer = None
+    num_frames = None if args.webcam else int(video.get(cv2.CAP_PROP_FRAME_COUNT))
+    writer = out_filename = None
     if args.output:
-        if os.path.isdir(args.output) or args.output.endswith(os.sep):
-            os.makedirs(args.output, exist_ok=True)
-            stem = os.path.splitext(os.path.basename(args.video_input))[0]
-            out_filename = os.path.join(args.output, stem + ".mp4")
-        else:
-            out_filename = args.output
+        name = "webcam" if args.webcam else os.path.splitext(os.path.basename(args.video_input))[0]
+        out_filename = output_path(args.output, is_folder(args.output, args), name + ".mp4")
         writer = video_writer(out_filename, fps, width, height)
     try:
         for vis_frame in tqdm.tqdm(demo.run_on_video(video), total=num_frames):
@@ -259,21 +329,11 @@ def run_video(demo, args):
             writer.release()
         else:
             cv2.destroyAllWindows()
-
-
-def run_webcam(demo, args):
-    cam = open_video(0)
-    try:
-        for vis in tqdm.tqdm(demo.run_on_video(cam)):
-            if show(vis, 1) == 27:
-                break
-    finally:
-        cam.release()
-        cv2.destroyAllWindows()
+    return out_filename
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger(name="aff_seg")
     logger.info("Arguments: " + str(args))
@@ -284,15 +344,16 @@ def main(argv=None):
     try:
         cfg = setup_cfg(args)
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        errors = []
         if args.input:
-            errors = run_images(demo, args)
-            if errors:
-                logger.error(f"{len(errors)} input(s) skipped:\n  " + "\n  ".join(errors))
-                return 1
-        elif args.video_input:
-            run_video(demo, args)
+            errors, written = run_images(demo, args)
         else:
-            run_webcam(demo, args)
+            written = run_video(demo, args)
+        if written:
+            print(f"results saved to {written}")
+        if errors:
+            logger.error(f"{len(errors)} input(s) skipped:\n  " + "\n  ".join(errors))
+            return 1
     except (InputError, ConfigError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2

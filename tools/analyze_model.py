@@ -11,9 +11,13 @@ Examples::
 FLOPs follow fvcore's convention (one multiply-add counts as one flop, elementwise ops are
 ignored).  Unlike the original, which traced the clusten CUDA ops and the KeOps KNN as
 unknown nodes and so left them out, the count includes the clusten ops (every neighbourhood
-gather, the fused cluster attention and every KNN search), with the rules of ``clusten.flops``.
+gather, the fused cluster attention, the grid models' multi-scale deformable attention and every
+KNN search), with the rules of ``clusten.flops``.
 
-``--exclude-custom-ops`` leaves all of them out again.  ``--use-fixed-input-size`` runs
+``--exclude-custom-ops`` leaves all of them out again.  The result also gives the total without the
+matrix products (``matmul``/``bmm``/``einsum``: the attention logits and weighted sums), which is how
+thop, the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs
 on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
 same, so one is analysed whatever ``-n`` says.
 """
@@ -43,6 +47,8 @@ from fvcore.nn import ActivationCountAnalysis, flop_count_table, parameter_count
 from fvcore.nn import parameter_count_table  # noqa: E402
 
 logger = logging.getLogger("aff_seg.analyze_model")
+
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum")  # fvcore's operator names
 
 
 def flop_analysis(model, inputs, count_custom_ops=True):
@@ -91,7 +97,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -155,6 +161,9 @@ def do_flop(model, cfg, args):
         "num_inputs": len(totals),
         "custom_ops_counted": not args.exclude_custom_ops,
         "gflops_by_operator": {k: v / len(totals) / 1e9 for k, v in sorted(by_operator.items())},
+        "gflops_without_matmul": sum(
+            v for k, v in by_operator.items() if k not in MATRIX_PRODUCT_OPS
+        ) / len(totals) / 1e9,
         "gflops_by_module": {
             name: modules[name] / 1e9 for name in ("", "backbone", "sem_seg_head") if name in modules
         },
@@ -164,7 +173,10 @@ def do_flop(model, cfg, args):
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
     )
-    logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f}")
+    logger.info(
+        f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "
+        f"({result['gflops_without_matmul']:.2f} without the matrix products)"
+    )
     return result
 
 

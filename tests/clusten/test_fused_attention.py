@@ -286,3 +286,9 @@ def test_triton_deterministic_mode_uses_twin_backward(kernels, monkeypatch):
     _, ref_grads = _grads(cluster_attention_reference, inputs, grad_out)
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
         torch.testing.assert_close(got, want, **FP32_TOL, msg=name)
+
+
+def test_pytorch_path_is_the_reference_bit_for_bit():
+    """On CPU the fused op's forward is the reference chain itself (float32: no extra rounding)."""
+    inputs = _inputs(b=2, n=15, m=20, dtype=torch.float32, seed=15, mask_dtype=torch.bool)
+    assert torch.equal(cluster_attention(**inputs), cluster_attention_reference(**inputs))

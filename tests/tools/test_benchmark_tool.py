@@ -56,3 +56,11 @@ def test_op_breakdown_lists_the_clusten_ops(benchmark, analyze_model, tiny_confi
     assert {"clusten::cluster_attention_fwd", "clusten::gather_sum"} <= ops, sorted(ops)
     assert all(r["calls"] >= 1 and r["self_ms"] >= 0 for r in rows)
     assert 99.0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-6
+
+
+def test_compare_rejects_unknown_suffix(benchmark, tiny_config):
+    config, _ = tiny_config
+    with pytest.raises(ValueError, match="@original"):
+        benchmark.compare([config + "@fast"], ["inference"], [])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        benchmark.compare(["missing.yaml"], ["inference"], [])

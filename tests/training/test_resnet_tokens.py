@@ -32,7 +32,7 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
 
     cfg = get_cfg()
     add_maskformer2_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"))
+    cfg.merge_from_file(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_tokens_bs16_160k.yaml"))
     cfg.merge_from_list(TINY_OPTS + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18",
                                      "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
     model = build_model(cfg)

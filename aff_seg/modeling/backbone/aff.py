@@ -199,6 +199,8 @@ class AFF(nn.Module):
             raise ValueError(f"embed_dim[0]={embed_dim[0]} must be even (the stem's first conv has half of it)")
         if not 0 < ds_rate <= 1:
             raise ValueError(f"ds_rate={ds_rate} must be in (0, 1]")
+        if not (math.isfinite(alpha) and alpha >= 0):  # a negative weight would rank important tokens last
+            raise ValueError(f"alpha={alpha} (MODEL.AFF.ALPHA) must be finite and >= 0")
         if cluster_size < 1:
             raise ValueError(f"cluster_size={cluster_size} must be positive")
         self.in_chans = in_chans
@@ -222,8 +224,9 @@ class AFF(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"AFF expects images b x {self.in_chans} x H x W, got x of shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
+            raise ValueError(
+                f"AFF expects a non-empty batch b x {self.in_chans} x H x W, got x of shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f"AFF needs images of at least {MIN_INPUT_SIZE} x {MIN_INPUT_SIZE} pixels, got "

@@ -43,6 +43,8 @@ class D2ResNetTokens(Backbone):
     The input must be padded to a multiple of 32 (``MASK_FORMER.SIZE_DIVISIBILITY``).
     """
 
+    output_format = "tokens"  # the heads take their point-cloud variants (aff_seg.modeling.variants)
+
     def __init__(self, cfg, input_shape):
         super().__init__()
         self.resnet = build_resnet_backbone(cfg, input_shape)

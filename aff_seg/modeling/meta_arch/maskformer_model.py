@@ -16,6 +16,7 @@ from detectron2.utils.memory import retry_if_cuda_oom
 
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
+from .validation import check_batched_inputs, check_model_config
 
 __all__ = ["MaskFormer", "check_num_classes"]
 
@@ -42,7 +43,8 @@ def check_num_classes(num_classes, metadata, mapper_name):
 
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
-    """Mask classification model (Mask2Former) on the AFF backbone."""
+    """Mask classification model (Mask2Former) on a token backbone (AFF) or a dense-map backbone
+    (ResNet, Swin, ...); the head takes the matching decoders."""
 
     @configurable
     def __init__(
@@ -66,13 +68,14 @@ class MaskFormer(nn.Module):
     ):
         """
         Args:
-            backbone: detectron2 Backbone returning the AFF token dict.
+            backbone: detectron2 Backbone returning tokens (AFF's dict) or dense maps.
             sem_seg_head: MaskFormerHead; criterion: SetCriterion.
             num_queries: Q.
             object_mask_threshold: panoptic: minimum class score of a kept query.
             overlap_threshold: panoptic: minimum visible / predicted area of a kept segment.
             metadata: the dataset's metadata (thing ids for panoptic / instance inference).
-            size_divisibility: pad the input to a multiple of this (< 0: the backbone's).
+            size_divisibility: pad the input to a multiple of this (< 0: the backbone's; it must be
+                a multiple of the backbone's ``size_divisibility``).
             sem_seg_postprocess_before_inference: resize the masks to the output size first.
             pixel_mean, pixel_std: per-channel normalisation of the input.
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
@@ -86,8 +89,15 @@ class MaskFormer(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
+        required = getattr(backbone, "size_divisibility", 0)  # detectron2 Backbones have it
         if size_divisibility < 0:
-            size_divisibility = self.backbone.size_divisibility
+            size_divisibility = required
+        elif required > 0 and (size_divisibility == 0 or size_divisibility % required):
+            raise ValueError(
+                f"MODEL.MASK_FORMER.SIZE_DIVISIBILITY={size_divisibility}: the backbone {type(backbone).__name__} "
+                f"needs inputs padded to a multiple of {required} (set a multiple of {required}, or -1 for the "
+                "backbone's own)"
+            )
         self.size_divisibility = size_divisibility
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -106,6 +116,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_model_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
@@ -158,19 +169,10 @@ class MaskFormer(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs):
-        """Normalise and pad the images of a batch into an ImageList."""
-        if len(batched_inputs) == 0:
-            raise ValueError("MaskFormer: batched_inputs is empty")
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0] or image.shape[1] == 0 \
-                    or image.shape[2] == 0:
-                raise ValueError(
-                    f"MaskFormer: image {i} must be a non-empty {self.pixel_mean.shape[0]} x H x W tensor, "
-                    f"got shape {tuple(image.shape)}"
-                )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        """Check the inputs (``check_batched_inputs``), normalise the images in float32 and pad them
+        into an ImageList (zeros, i.e. the mean colour, right and bottom)."""
+        check_batched_inputs(batched_inputs, self.pixel_mean.shape[0], type(self).__name__)
+        images = [(x["image"].to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs):

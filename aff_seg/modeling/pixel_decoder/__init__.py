@@ -1,4 +1,6 @@
-"""Point-cloud pixel decoder (registers MSDeformAttnPixelDecoder in SEM_SEG_HEADS_REGISTRY)."""
-from .msdeformattn_pc import MSDeformAttnPixelDecoder, build_pixel_decoder
+"""Pixel decoders (SEM_SEG_HEADS_REGISTRY): upstream Mask2Former's on dense maps (``msdeformattn``)
+and AFF's on token point clouds (``msdeformattn_pc``); :mod:`aff_seg.modeling.variants` picks one."""
+from .msdeformattn import MSDeformAttnPixelDecoder
+from .msdeformattn_pc import MSDeformAttnPixelDecoderPc, build_pixel_decoder
 
-__all__ = ["MSDeformAttnPixelDecoder", "build_pixel_decoder"]
+__all__ = ["MSDeformAttnPixelDecoder", "MSDeformAttnPixelDecoderPc", "build_pixel_decoder"]

@@ -28,8 +28,9 @@ import clusten
 
 from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
+from ..variants import resolve_variant
 
-__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoder", "grid_positions"]
+__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc", "grid_positions"]
 
 # the FPN step interpolates res3 onto res2 from the 4 nearest tokens with weights ~ d^-6
 FPN_SHEPARD_K = 4  # at most SAMPLING_K: its neighbours are read off the sampling lookup
@@ -41,9 +42,10 @@ SAMPLING_K = 4
 
 
 def build_pixel_decoder(cfg, input_shape):
-    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
+    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``, the grid or
+    point-cloud variant as the backbone returns (:mod:`aff_seg.modeling.variants`)."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    model = resolve_variant(SEM_SEG_HEADS_REGISTRY, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", name, cfg)(cfg, input_shape)
     if not callable(getattr(model, "forward_features", None)):
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} has no forward_features method, "
@@ -254,14 +256,17 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class MSDeformAttnPixelDecoder(nn.Module):
-    """AFF's pixel decoder on token point clouds (registered under upstream's name).
+class MSDeformAttnPixelDecoderPc(nn.Module):
+    """AFF's pixel decoder on token point clouds (``input_format = "tokens"``; configs name it
+    ``MSDeformAttnPixelDecoder``, see :mod:`aff_seg.modeling.variants`).
 
     ``forward_features(features)`` takes the backbone's dict (``res{i}`` ``b x n_i x C_i``,
     ``res{i}_pos`` ``b x n_i x 2``, ``res{i}_spatial_shape`` (h, w)) and returns
     ``(mask_features b x n_2 x mask_dim, res2 positions b x n_2 x 2, res5 encoder output,
     [res5, res4, res3] encoder outputs, [res5, res4, res3] positions)``.
     """
+
+    input_format = "tokens"
 
     @configurable
     def __init__(

@@ -1,12 +1,24 @@
-"""Run a model on images or video frames and draw its predictions (used by ``demo.py``).
+"""Python inference API: run a model on images or video frames and draw its predictions.
 
-``VisualizationDemo`` wraps detectron2's ``DefaultPredictor`` and ``Visualizer``: panoptic
-segmentation is drawn when the model returns it, otherwise the semantic argmax and/or the
-instances whose score passes the confidence threshold.  It can also report, for every
-backbone stage, which tokens adaptive downsampling kept (``kept_tokens``), mapped back onto
-the pixels of the input image; ``draw_kept_tokens`` draws them (the paper's "remaining
-tokens" figure).
+``Predictor(config, weights)`` is detectron2's ``DefaultPredictor`` for this project: it takes
+a config file (or a config), reads ``weights`` (local path or URL) through the project
+checkpointer, runs on the CPU when CUDA is unavailable and, with ``TEST.AMP.ENABLED``, under
+bf16/fp16 autocast.  Calling it on one BGR image returns detectron2's output dict
+(``sem_seg``, ``instances``, ``panoptic_seg``)::
+
+    predictor = Predictor("configs/ade20k/semantic-segmentation/aff/maskformer2_aff_tiny_bs32_80k.yaml",
+                          "aff_tiny_ade20k.pth")
+    labels = predictor(cv2.imread("room.jpg"))["sem_seg"].argmax(0)
+
+``VisualizationDemo`` (what ``demo/demo.py`` uses) draws the outputs with detectron2's
+``Visualizer``: panoptic segmentation when the model returns it, otherwise the semantic
+argmax and/or the instances whose score passes the confidence threshold.  It can also report,
+for every backbone stage, which tokens adaptive downsampling kept (``kept_tokens``), mapped
+back onto the pixels of the input image; ``draw_kept_tokens`` draws them (the paper's
+"remaining tokens" figure).
 """
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -14,15 +26,22 @@ import cv2
 import numpy as np
 import torch
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.engine.defaults import DefaultPredictor
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from aff_seg.checkpoint import AFFCheckpointer
+from .checkpoint import AFFCheckpointer
+from .config import load_config
+from .solver import AMP_DTYPES
 
-__all__ = ["StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens"]
+__all__ = ["Predictor", "StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens",
+           "inference_autocast"]
+
+logger = logging.getLogger(__name__)
 
 # side of one token's cell on the padded input: positions are in stride-4 grid units
 TOKEN_CELL = 4
@@ -54,6 +73,85 @@ def check_weights(path):
         raise FileNotFoundError(f"MODEL.WEIGHTS: weights file not found: {path}")
 
 
+def inference_autocast(cfg):
+    """``torch.autocast`` in ``TEST.AMP.PRECISION`` on ``MODEL.DEVICE`` when
+    ``TEST.AMP.ENABLED``, else a no-op context."""
+    if not cfg.TEST.AMP.ENABLED:
+        return contextlib.nullcontext()
+    precision = cfg.TEST.AMP.PRECISION
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"TEST.AMP.PRECISION={precision!r} is not one of {sorted(AMP_DTYPES)}")
+    return torch.autocast(torch.device(cfg.MODEL.DEVICE).type, dtype=AMP_DTYPES[precision])
+
+
+def as_float32(outputs):
+    """``outputs`` (a model's output, nested dicts/lists/tuples of tensors and ``Instances``)
+    with every floating tensor in float32, so that numpy-based evaluators and drawing work after
+    a bf16/fp16 forward.  ``Instances`` are converted in place."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, Boxes):
+        return Boxes(as_float32(outputs.tensor))
+    if isinstance(outputs, Instances):
+        for name, value in outputs.get_fields().items():
+            outputs.set(name, as_float32(value))
+        return outputs
+    if isinstance(outputs, dict):
+        return {key: as_float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_float32(value) for value in outputs)
+    return outputs
+
+
+class Predictor(DefaultPredictor):
+    """One image in, detectron2's outputs out: ``Predictor(config, weights)(bgr_image)``.
+
+    Args:
+        config: a config file path (read with ``aff_seg.load_config``) or a detectron2 config
+            holding the project's keys.
+        weights: ``MODEL.WEIGHTS``: a local file, or a URL that detectron2's ``PathManager``
+            downloads and caches (``https://``, ``detectron2://`` ...); None keeps the config's,
+            "" means random initialisation.
+        opts: ``KEY VALUE`` config overrides, as on the command line.
+        device: ``MODEL.DEVICE``; None keeps the config's, falling back to "cpu" when CUDA is
+            unavailable.
+
+    Calling it on an ``H x W x 3`` uint8 BGR image returns the model's output dict for that
+    image at its original size (``sem_seg``: ``K x H x W`` scores, ``instances``,
+    ``panoptic_seg``), float tensors in float32 also under ``TEST.AMP``.
+    ``predictor.cfg`` is the frozen config used.
+    """
+
+    def __init__(self, config, weights=None, opts=(), device=None):
+        if isinstance(config, CfgNode):
+            cfg = config.clone()
+            cfg.defrost()
+            cfg.merge_from_list(list(opts))
+        else:
+            cfg = load_config(config, opts)
+        if weights is not None:
+            cfg.MODEL.WEIGHTS = weights
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            logger.info("CUDA is not available: running on the CPU")
+            cfg.MODEL.DEVICE = "cpu"
+        check_weights(cfg.MODEL.WEIGHTS)
+        cfg.freeze()
+        weights_free = cfg.clone()
+        weights_free.defrost()
+        weights_free.MODEL.WEIGHTS = ""  # DefaultPredictor would read it with plain pickle
+        super().__init__(weights_free)
+        self.cfg = cfg
+        if cfg.MODEL.WEIGHTS:
+            AFFCheckpointer(self.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
+
+    def __call__(self, image):
+        with inference_autocast(self.cfg):
+            outputs = super().__call__(image)
+        return as_float32(outputs)
+
+
 def _metadata(cfg):
     """The metadata of the first test dataset, or class names "0".."K-1" when it has none
     (the Visualizer needs ``stuff_classes`` to draw a semantic map)."""
@@ -73,26 +171,20 @@ def _without_zero_boxes(instances):
 
 
 class VisualizationDemo:
-    """Predict with a detectron2 model and draw the result.
+    """Predict with a ``Predictor`` and draw the result.
 
     Args:
-        cfg: a frozen detectron2 config (``MODEL.WEIGHTS`` empty means random init).
+        cfg: a detectron2 config (``MODEL.WEIGHTS`` empty means random init).
         confidence_threshold: instances scoring at or below it are not drawn.
         instance_mode: detectron2 ``ColorMode`` of the drawings.
     """
 
     def __init__(self, cfg, confidence_threshold=0.0, instance_mode=ColorMode.IMAGE):
-        check_weights(cfg.MODEL.WEIGHTS)
+        self.predictor = Predictor(cfg)
         self.metadata = _metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.cpu_device = torch.device("cpu")
-        weights_free = cfg.clone()
-        weights_free.defrost()
-        weights_free.MODEL.WEIGHTS = ""  # DefaultPredictor would read it with plain pickle
-        self.predictor = DefaultPredictor(weights_free)
-        if cfg.MODEL.WEIGHTS:
-            AFFCheckpointer(self.predictor.model).load(cfg.MODEL.WEIGHTS)
         self._backbone_outputs = None
 
     # -- prediction -----------------------------------------------------------------------
