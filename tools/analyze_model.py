@@ -14,12 +14,14 @@ unknown nodes and so left them out, the count includes the clusten ops (every ne
 gather, the fused cluster attention, the grid models' multi-scale deformable attention and every
 KNN search), with the rules of ``clusten.flops``.
 
-``--exclude-custom-ops`` leaves all of them out again.  The result also gives the total without the
-matrix products (``matmul``/``bmm``/``einsum``: the attention logits and weighted sums), which is how
-thop, the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
-the norms).  ``--use-fixed-input-size`` runs
-on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
-same, so one is analysed whatever ``-n`` says.
+``--exclude-custom-ops`` leaves all of them out again.  Window attention through
+``F.scaled_dot_product_attention`` (Focal, Swin) is always counted: logits and weighted sum,
+``batch * L * S * (E + Ev)`` for a query ``batch x L x E`` and a value ``batch x S x Ev``.
+The result also gives the total without the matrix products (``matmul``/``bmm``/``einsum``/
+``scaled_dot_product_attention``: the attention logits and weighted sums), which is how thop,
+the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the
+test set's images; those inputs are all the same, so one is analysed whatever ``-n`` says.
 """
 import argparse
 import importlib.util
@@ -28,6 +30,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from math import prod
 
 import numpy as np
 import torch
@@ -45,10 +48,19 @@ from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from fvcore.nn import ActivationCountAnalysis, flop_count_table, parameter_count  # noqa: E402
 from fvcore.nn import parameter_count_table  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 logger = logging.getLogger("aff_seg.analyze_model")
 
-MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum")  # fvcore's operator names
+
+def attention_flop(inputs, outputs):
+    """``F.scaled_dot_product_attention``: query ... x L x E, key ... x S x E, value ... x S x Ev:
+    the logits and the weighted sum, prod(...) * L * S * (E + Ev)."""
+    query, key, value = (get_shape(inputs[i]) for i in range(3))
+    return prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
+
+
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum", "scaled_dot_product_attention")  # fvcore's operator names
 
 
 def flop_analysis(model, inputs, count_custom_ops=True):
@@ -64,6 +76,7 @@ def flop_analysis(model, inputs, count_custom_ops=True):
         a ``FlopCountAnalysis`` whose statistics are already computed.
     """
     analysis = FlopCountAnalysis(model, inputs)
+    analysis.set_op_handle(**{"aten::scaled_dot_product_attention": attention_flop})
     handles = clusten.flops.FLOP_HANDLES
     analysis.set_op_handle(**(handles if count_custom_ops else dict.fromkeys(handles)))
     analysis.total()  # traces now
