@@ -24,12 +24,14 @@ unknown nodes and so left them out, the count includes
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
 
-``--exclude-custom-ops`` leaves all of them out again.  The result also gives the total without the
-matrix products (``matmul``/``bmm``/``einsum``: the attention logits and weighted sums), which is how
-thop, the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
-the norms).  ``--use-fixed-input-size`` runs
-on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
-same, so one is analysed whatever ``-n`` says.
+``--exclude-custom-ops`` leaves all of them out again.  Window attention through
+``F.scaled_dot_product_attention`` (Focal, Swin) is always counted: logits and weighted sum,
+``batch * L * S * (E + Ev)`` for a query ``batch x L x E`` and a value ``batch x S x Ev``.
+The result also gives the total without the matrix products (``matmul``/``bmm``/``einsum``/
+``scaled_dot_product_attention``: the attention logits and weighted sums), which is how thop,
+the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the
+test set's images; those inputs are all the same, so one is analysed whatever ``-n`` says.
 """
 import argparse
 import contextlib
@@ -99,7 +101,14 @@ def knn_flop(inputs, outputs):
     return b * n * get_shape(inputs[1])[1] * d
 
 
-MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum")  # fvcore's operator names
+def attention_flop(inputs, outputs):
+    """``F.scaled_dot_product_attention``: query ... x L x E, key ... x S x E, value ... x S x Ev:
+    the logits and the weighted sum, prod(...) * L * S * (E + Ev)."""
+    query, key, value = (get_shape(inputs[i]) for i in range(3))
+    return prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
+
+
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum", "scaled_dot_product_attention")  # fvcore's operator names
 
 FLOP_HANDLES = {
     "clusten::gather_dot": gather_dot_flop,
@@ -159,6 +168,7 @@ def flop_analysis(model, inputs, count_custom_ops=True):
         a ``FlopCountAnalysis`` whose statistics are already computed.
     """
     analysis = FlopCountAnalysis(model, inputs)
+    analysis.set_op_handle(**{"aten::scaled_dot_product_attention": attention_flop})
     if count_custom_ops:
         analysis.set_op_handle(**FLOP_HANDLES)
     else:

@@ -126,3 +126,19 @@ def test_converter_writes_prefixed_weights_without_heuristics(tmp_path, capsys):
     torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a Focal Transformer classification checkpoint"):
         convert.convert(str(tmp_path / "other.pth"), str(tmp_path / "other.pkl"))
+
+
+def test_tokens_variant_has_the_same_weights_and_gives_grid_tokens():
+    cfg = focal_cfg()
+    maps = build_backbone(cfg).eval()
+    cfg.MODEL.BACKBONE.NAME = "D2FocalTransformerTokens"
+    tokens = build_backbone(cfg).eval()
+    assert tokens.output_format == "tokens" and tokens.output_shape() == maps.output_shape()
+    tokens.load_state_dict(maps.state_dict())  # same keys: one checkpoint for both
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        dense, out = maps(x), tokens(x)
+    for name, feature in dense.items():
+        assert torch.equal(out[name], feature.flatten(2).transpose(1, 2)), name
+        assert out[f"{name}_spatial_shape"] == (16, 24)
+    assert out["res5_pos"][0, :3].tolist() == [[3.5, 3.5], [11.5, 3.5], [19.5, 3.5]]  # stride-32 cell centres
