@@ -268,7 +268,9 @@ class VisualizationDemo:
             panoptic_seg, segments_info = predictions["panoptic_seg"]
             return visualizer.draw_panoptic_seg(panoptic_seg.to(self.cpu_device), segments_info)
         vis_output = None
-        if "sem_seg" in predictions:
+        if "sem_seg_labels" in predictions:  # MODEL.MASK_FORMER.TEST.SEMANTIC_LABELS_ONLY
+            vis_output = visualizer.draw_sem_seg(predictions["sem_seg_labels"].to(self.cpu_device))
+        elif "sem_seg" in predictions:
             labels = predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
             vis_output = visualizer.draw_sem_seg(labels)
         if "instances" in predictions:
@@ -276,7 +278,7 @@ class VisualizationDemo:
             vis_output = visualizer.draw_instance_predictions(predictions=instances)
         if vis_output is None:
             raise ValueError(
-                "the model returned none of panoptic_seg, sem_seg, instances: "
+                "the model returned none of panoptic_seg, sem_seg, sem_seg_labels, instances: "
                 f"got keys {sorted(predictions)}"
             )
         return vis_output
