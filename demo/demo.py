@@ -38,6 +38,7 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402,F401  (compat fixes before detectron2)
+from aff_seg.checkpoint import CheckpointMismatchError  # noqa: E402
 from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -354,7 +355,7 @@ def main(argv=None):
         if errors:
             logger.error(f"{len(errors)} input(s) skipped:\n  " + "\n  ".join(errors))
             return 1
-    except (InputError, ConfigError, FileNotFoundError) as e:
+    except (InputError, ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
     return 0

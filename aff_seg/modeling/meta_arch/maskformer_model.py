@@ -203,6 +203,8 @@ class MaskFormer(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
+                target["file_name"] = x.get("file_name")
             losses = self.criterion(outputs, targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 

@@ -12,7 +12,7 @@ import aff_seg  # noqa: F401  (compat fixes before detectron2)
 from aff_seg import add_maskformer2_config
 from detectron2.config import get_cfg
 from detectron2.modeling import ShapeSpec, build_backbone
-from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError
 from aff_seg.modeling.backbone import FocalTransformer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -103,8 +103,10 @@ def test_checkpoint_of_another_size_names_the_mismatches(tmp_path, caplog):
     torch.save(classification_state_dict(embed_dim=32, num_heads=(2, 2, 4, 4)), tmp_path / "other.pth")
     model = Segmenter()
     before = model.backbone.layers[0].blocks[0].attn.qkv.weight.clone()
+    with pytest.raises(CheckpointMismatchError, match=r"qkv.weight +\| shape differs \(not loaded\) +\| \(96, 32\)"):
+        AFFCheckpointer(model).load(str(tmp_path / "other.pth"))  # strict by default
     with caplog.at_level(logging.INFO):
-        AFFCheckpointer(model).load(str(tmp_path / "other.pth"))
+        AFFCheckpointer(model, strict=False).load(str(tmp_path / "other.pth"))
     warning = " ".join(r.getMessage() for r in caplog.records if "does not fit" in r.getMessage())
     assert "layers.0.blocks.0.attn.qkv.weight (96, 32) in the file, (48, 16) in the model" in warning
     assert "layers.0.blocks.0.attn.relative_position_bias_table (169, 2) in the file, (169, 1) in the model" in warning
