@@ -189,6 +189,16 @@ def test_point_cloud_decoder_with_a_map_backbone_is_refused():
         build_model(cfg)
 
 
+def test_grid_decoder_with_a_token_backbone_is_refused(monkeypatch):
+    """Outside the automatic choice (here: the name taken out of TOKEN_VARIANTS) a token backbone
+    cannot take a grid pixel decoder."""
+    from aff_seg.modeling import variants
+
+    monkeypatch.delitem(variants.TOKEN_VARIANTS, "MSDeformAttnPixelDecoder")
+    with pytest.raises(ValueError, match="PIXEL_DECODER_NAME='MSDeformAttnPixelDecoder' reads maps.*D2ResNetTokens"):
+        build_model(load_cfg(R50_TOKENS_ADE, *TINY_GRID))
+
+
 def test_size_divisibility_the_backbone_cannot_take_is_refused():
     cfg = load_cfg(R50_TOKENS_ADE, *TINY_GRID, "MODEL.MASK_FORMER.SIZE_DIVISIBILITY", "16")
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.SIZE_DIVISIBILITY=16.*multiple of 32"):
