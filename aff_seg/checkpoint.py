@@ -12,10 +12,15 @@
   An official Focal Transformer classification checkpoint (bare or under ``model``) is mapped
   the same way onto the model's ``FocalTransformer`` module, by name, with its own report of
   the new keys and of any key whose shape differs.
+  It writes checkpoints atomically (temporary file, then rename), and ``--resume`` falls back,
+  with a warning, to the newest complete checkpoint when the last one is truncated or corrupted.
 """
+import glob
 import io
 import logging
+import os
 import pickle
+import zipfile
 
 import numpy as np
 import torch
@@ -149,3 +154,69 @@ class AFFCheckpointer(DetectionCheckpointer):
             if key.endswith(STEM_KEY):
                 return key[: -len(STEM_KEY)]
         raise ValueError(f"the model has no AFF backbone ('*{STEM_KEY}') to load a classification checkpoint into")
+
+    # -- writing and resuming ------------------------------------------------------------------
+
+    def save(self, name, **kwargs):
+        """detectron2's ``save``, atomic: ``<name>.pth`` is written under a temporary name and
+        renamed when complete, then ``last_checkpoint`` is replaced the same way; a run killed
+        while saving leaves the previous checkpoint and ``last_checkpoint`` as they were."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _write_atomically(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _write_atomically(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def get_checkpoint_file(self):
+        """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names or, when
+        that file is truncated or corrupted, the newest complete ``model_*.pth`` saved before it
+        (with a warning).  Raises ``RuntimeError`` naming the file when there is none."""
+        last = super().get_checkpoint_file()
+        if _is_complete(last):
+            return last
+        earlier = [p for p in glob.glob(os.path.join(self.save_dir, "model_*.pth"))
+                   if _iteration_of(p) < _iteration_of(last)]
+        for candidate in sorted(earlier, key=_iteration_of, reverse=True):
+            if _is_complete(candidate):
+                logger.warning(f"checkpoint {last} is truncated or corrupted; resuming from {candidate} instead")
+                return candidate
+        raise RuntimeError(
+            f"checkpoint {last} (named in {os.path.join(self.save_dir, 'last_checkpoint')}) is truncated or "
+            f"corrupted, and no complete earlier model_*.pth is in {self.save_dir}: delete it to start over"
+        )
+
+
+def _write_atomically(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _is_complete(path):
+    """Whether ``path`` is a whole checkpoint file: ``torch.save`` writes a zip archive, whose
+    closing directory a truncated or overwritten file lacks."""
+    return os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def _iteration_of(path):
+    """``model_0000123.pth`` -> 123; ``model_final.pth`` (and other names) come after every number."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    number = stem[len("model_"):]
+    return int(number) if stem.startswith("model_") and number.isdigit() else float("inf")

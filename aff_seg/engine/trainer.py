@@ -77,9 +77,11 @@ class Trainer(DefaultTrainer):
         return state
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # the optimizer first: the LR scheduler (a hook) then sets the rates of its schedule,
+        # which may be longer than the saved run's (SOLVER.MAX_ITER raised on --resume)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        super().load_state_dict(state_dict)
 
     def build_hooks(self):
         hooks = super().build_hooks()

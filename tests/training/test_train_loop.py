@@ -68,12 +68,17 @@ class _KillAfter(HookBase):
             raise _Interrupt()
 
 
-def test_kill_and_resume_ends_with_the_uninterrupted_weights(registered_root, tmp_path):
+@pytest.mark.parametrize("task", ["ade20k_semantic", "coco_panoptic", "coco_instance", "cityscapes_panoptic"])
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_root, tmp_path):
+    """With the shipped aspect-ratio grouping on (images of both orientations in the ADE and
+    COCO sets), for every config family."""
     schedule = ["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
-                "MODEL.AFF.DROP_PATH_RATE", "0.2", "INPUT.COLOR_AUG_SSD", "True"]
-    reference = train(tiny_cfg("ade20k_semantic", tmp_path / "uninterrupted", *schedule))
+                "MODEL.AFF.DROP_PATH_RATE", "0.2", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
+    if task == "ade20k_semantic":
+        schedule += ["INPUT.COLOR_AUG_SSD", "True"]
+    reference = train(tiny_cfg(task, tmp_path / "uninterrupted", *schedule))
 
-    cfg = tiny_cfg("ade20k_semantic", tmp_path / "interrupted", *schedule)
+    cfg = tiny_cfg(task, tmp_path / "interrupted", *schedule)
     with pytest.raises(_Interrupt):
         train(cfg, extra_hooks=[_KillAfter(2)])  # iterations 0-2 ran; the checkpoint is of iteration 1
     assert (tmp_path / "interrupted" / "last_checkpoint").read_text().strip() == "model_0000001.pth"
