@@ -14,9 +14,18 @@
   the new keys and of any key whose shape differs.
   It writes checkpoints atomically (temporary file, then rename), and ``--resume`` falls back,
   with a warning, to the newest complete checkpoint when the last one is truncated or corrupted.
+
+  It also reads SegFormer and BoostFormer checkpoints as their users have them (``segformer_weights``):
+  NVlabs/mmseg ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and HuggingFace ``save_pretrained``
+  output (the directory, or its ``pytorch_model.bin`` / ``model.safetensors``; ``config.json`` beside it is
+  named in the report). They are renamed to the project's modules, and compared with the model first: with
+  ``strict`` (``MODEL.WEIGHTS_STRICT``) a tensor the model lacks or holds in another shape, or a model tensor
+  the checkpoint should cover but lacks (another size or family), stops the load with every such name;
+  otherwise they are reported and the rest loads.
 """
 import glob
 import io
+import json
 import logging
 import os
 import pickle
@@ -27,14 +36,17 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from .modeling.backbone import segformer_weights
 from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
-__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer"]
+__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES"]
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_PREFIXES = ("head.", "norm.")  # the classification model's final norm and classifier
 STEM_KEY = "patch_embed.proj1.weight"
+FORMATS_AUTHOR = "SegFormer/BoostFormer conversion"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes, in preference order
 
 
 def _numpy_globals():
@@ -77,6 +89,10 @@ def load_weights_file(filename):
         The unpickled object (usually a dict); ``.pkl`` files are read with latin1 encoding,
         as detectron2 does.
     """
+    if filename.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(PathManager.get_local_path(filename), device="cpu")
     with PathManager.open(filename, "rb") as f:
         if filename.endswith(".pkl"):
             return _RestrictedUnpickler(f, encoding="latin1").load()
@@ -98,15 +114,33 @@ def split_classification_checkpoint(state_dict):
 
 
 class AFFCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with code-free loading and AFF classification checkpoints.
+    """``DetectionCheckpointer`` with code-free loading, AFF classification checkpoints and the SegFormer /
+    BoostFormer formats.
 
-    Use it wherever detectron2's checkpointer loads ``MODEL.WEIGHTS`` (trainer, predictor).
+    Use it wherever detectron2's checkpointer loads ``MODEL.WEIGHTS`` (trainer, predictor), with
+    ``strict=cfg.MODEL.WEIGHTS_STRICT``.
     """
 
+    def __init__(self, model, save_dir="", *, strict=True, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.strict = strict
+
+    def load(self, path, *args, **kwargs):
+        if path and os.path.isdir(path):  # a HuggingFace save_pretrained directory
+            found = [os.path.join(path, name) for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+            if not found:
+                raise FileNotFoundError(f"{path}: a directory without {' or '.join(HF_WEIGHT_FILES)}")
+            path = found[0]
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename):
-        if not filename.endswith((".pth", ".pt", ".pkl")):
+        if not filename.endswith((".pth", ".pt", ".pkl", ".bin", ".safetensors")):
             return super()._load_file(filename)
         loaded = load_weights_file(filename)
+        state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded  # mmseg: "state_dict"
+        fmt = segformer_weights.detect_format(state_dict) if isinstance(state_dict, dict) else None
+        if fmt is not None:
+            return self._converted_segformer(filename, state_dict, fmt)
         if filename.endswith(".pkl") and not ("model" in loaded and "__author__" in loaded):
             raise ValueError(f"{filename}: not a detectron2-format .pkl (needs 'model' and '__author__')")
         if not isinstance(loaded, dict) or "model" not in loaded:
@@ -123,6 +157,29 @@ class AFFCheckpointer(DetectionCheckpointer):
             f"'{prefix}*', classifier dropped: {', '.join(dropped) or 'none'}"
         )
         return {"model": {prefix + k: v for k, v in backbone.items()}, "__author__": "AFF classification"}
+
+    def _converted_segformer(self, filename, state_dict, fmt):
+        converted, dropped = segformer_weights.convert(state_dict, fmt)
+        what = f"{filename}: {segformer_weights.FORMATS[fmt]} ({segformer_weights.describe(converted)})"
+        config = os.path.join(os.path.dirname(filename), "config.json")
+        if fmt.startswith("hf_") and os.path.isfile(config):
+            with open(config) as f:
+                hf = json.load(f)
+            what += f", config.json: {hf.get('architectures')} hidden_sizes {hf.get('hidden_sizes')} depths {hf.get('depths')}"
+        unexpected, mismatched, missing = segformer_weights.compare_with_model(converted, self.model.state_dict())
+        problems = [f"{title}: {', '.join(names)}" for title, names in (
+            ("not in the model", unexpected), ("other shape (checkpoint vs model)", mismatched),
+            ("missing from the checkpoint", missing)) if names]
+        logger.info(f"{what}; {len(converted)} tensors renamed; dropped by design: {', '.join(dropped) or 'none'}")
+        if problems:
+            message = f"{what} does not match the model. " + "; ".join(problems)
+            if self.strict:
+                raise ValueError(message + ". Set MODEL.WEIGHTS_STRICT False to load the tensors that match.")
+            logger.warning(message + ". Loading the tensors that match (MODEL.WEIGHTS_STRICT is False).")
+            model_state = self.model.state_dict()
+            converted = {k: v for k, v in converted.items()
+                         if k in model_state and v.shape == model_state[k].shape}
+        return {"model": converted, "__author__": FORMATS_AUTHOR}
 
     def _focal_checkpoint(self, filename, backbone, dropped):
         """The Focal tensors under the name of the model's ``FocalTransformer``, with a report of

@@ -137,6 +137,20 @@ def add_maskformer2_config(cfg):
     mf.TEST.SANITY_CHECK = False
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
 
+    # FASeg's decoder (dynamic focus-aware positional queries + high-resolution cross-attention),
+    # the constants the original hard-wires, with its values (docs/faseg.md)
+    mf.FASEG = CN()
+    # high-resolution layers attend to the res2 cells of the top (res5 cells // OMEGA_RATE) res5 cells
+    mf.FASEG.OMEGA_RATE = 32
+    # a query attends to the tokens where its predicted mask probability reaches this
+    mf.FASEG.ATTN_MASK_THRESHOLD = 0.15
+    # the first positional queries pool the res5 encodings over the predicted masks, thresholded here;
+    # COMPLEMENT pools where the probability is *below* it, as the original (and its weights) do
+    mf.FASEG.INIT_POOL_THRESHOLD = 0.5
+    mf.FASEG.INIT_POOL_COMPLEMENT = True
+    # every HR_EVERY-th decoder layer is a high-resolution layer (0: none, positional queries only)
+    mf.FASEG.HR_EVERY = 4
+
     head = cfg.MODEL.SEM_SEG_HEAD
     head.MASK_DIM = 256
     head.TRANSFORMER_ENC_LAYERS = 0
@@ -225,4 +239,47 @@ def add_maskformer2_config(cfg):
     # this project: the pretraining resolution decides which stages have the ring
     focal.PRETRAIN_IMG_SIZE = 224
     focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
+    cfg.MODEL.MIT = CN()
+    mit = cfg.MODEL.MIT
+    mit.EMBED_DIMS = [64, 128, 320, 512]
+    mit.DEPTHS = [3, 4, 6, 3]
+    mit.NUM_HEADS = [1, 2, 5, 8]
+    mit.SR_RATIOS = [8, 4, 2, 1]
+    mit.MLP_RATIOS = [4, 4, 4, 4]
+    mit.PATCH_SIZES = [7, 3, 3, 3]
+    mit.STRIDES = [4, 2, 2, 2]
+    mit.QKV_BIAS = True
+    mit.DROP_PATH_RATE = 0.1
+    # eps of the block and stage LayerNorms: 1e-6 as NVlabs, 1e-5 as HuggingFace
+    mit.LN_EPS = 1e-6
+    mit.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # BoostFormer encoder (D2BoostFormer); defaults: the only published size
+    cfg.MODEL.BOOSTFORMER = CN()
+    bf = cfg.MODEL.BOOSTFORMER
+    bf.EMBED_DIMS = [64, 128, 320, 512]
+    bf.DEPTHS = [3, 4, 6, 3]
+    bf.NUM_HEADS = [1, 2, 5, 8]
+    bf.BLOCK_TYPES = ["pool", "pool", "attn", "attn"]
+    bf.MLP_RATIOS = [4, 4, 4, 4]
+    bf.PATCH_SIZES = [7, 3, 3, 3]
+    bf.STRIDES = [4, 2, 2, 2]
+    bf.TOKEN_POOL_SIZE = 3  # average pool of the pool blocks' token mixer
+    bf.KV_POOL_SIZE = 7  # keys/values of the attention blocks: an adaptive KV_POOL_SIZE^2 pool of the map
+    bf.MIX_KERNELS = [3, 5]  # depthwise kernels on the two halves of the MixCFN channels
+    bf.LAYER_SCALE_INIT = 1e-5
+    bf.NORM = "SyncBN"  # the BatchNorms in the pool blocks and MixCFNs: "BN" or "SyncBN"
+    bf.DROP_PATH_RATE = 0.1
+    bf.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # all-MLP semantic heads (SegFormerHead, BoostFormerHead): dropout before the classifier
+    head.DROPOUT = 0.1
+
+    # sliding-window inference of semantic models: SIZE (h, w) windows every STRIDE (h, w) pixels
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.SIZE = [1024, 1024]
+    cfg.TEST.SLIDING_WINDOW.STRIDE = [768, 768]
     return cfg

@@ -144,7 +144,7 @@ class Predictor(DefaultPredictor):
         super().__init__(weights_free)
         self.cfg = cfg
         if cfg.MODEL.WEIGHTS:
-            AFFCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            AFFCheckpointer(self.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
 
     def __call__(self, image):
         with inference_autocast(self.cfg):

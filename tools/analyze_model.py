@@ -24,7 +24,10 @@ unknown nodes and so left them out, the count includes
   ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
   counted, as fvcore counts no sort.
 
-``--exclude-custom-ops`` leaves all of them out again.  ``--use-fixed-input-size`` runs
+``--exclude-custom-ops`` leaves all of them out again.  The result also gives the total without the
+matrix products (``matmul``/``bmm``/``einsum``: the attention logits and weighted sums), which is how
+thop, the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs
 on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
 same, so one is analysed whatever ``-n`` says.
 """
@@ -95,6 +98,8 @@ def knn_flop(inputs, outputs):
     b, n, d = get_shape(inputs[0])
     return b * n * get_shape(inputs[1])[1] * d
 
+
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum")  # fvcore's operator names
 
 FLOP_HANDLES = {
     "clusten::gather_dot": gather_dot_flop,
@@ -191,7 +196,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -255,6 +260,9 @@ def do_flop(model, cfg, args):
         "num_inputs": len(totals),
         "custom_ops_counted": not args.exclude_custom_ops,
         "gflops_by_operator": {k: v / len(totals) / 1e9 for k, v in sorted(by_operator.items())},
+        "gflops_without_matmul": sum(
+            v for k, v in by_operator.items() if k not in MATRIX_PRODUCT_OPS
+        ) / len(totals) / 1e9,
         "gflops_by_module": {
             name: modules[name] / 1e9 for name in ("", "backbone", "sem_seg_head") if name in modules
         },
@@ -264,7 +272,10 @@ def do_flop(model, cfg, args):
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
     )
-    logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f}")
+    logger.info(
+        f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "
+        f"({result['gflops_without_matmul']:.2f} without the matrix products)"
+    )
     return result
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """The main job: train a small AFF on synthetic ADE20K-format data on CPU, in minutes.
 
-    python tools/train_demo.py [--output-dir output/demo] [--iters 300] [KEY VALUE ...]
+    python tools/train_demo.py [--config-file CFG] [--output-dir output/demo] [--iters 300] [KEY VALUE ...]
 
 1. writes the synthetic semantic dataset (``aff_seg.data.synthetic``) under
    ``<output-dir>/datasets`` and points the standard ``ade20k_sem_seg_*`` names at it;
-2. trains ``configs/synthetic/ade20k_semantic.yaml`` (progress, checkpoints and TensorBoard
+2. trains ``configs/synthetic/ade20k_semantic.yaml`` or ``--config-file`` (progress, checkpoints and TensorBoard
    events in ``<output-dir>``);
 3. evaluates with detectron2's ``SemSegEvaluator`` and prints the mIoU next to the mIoU of
    always predicting the most frequent training class;
@@ -85,6 +85,7 @@ def visualise(model, cfg, dataset_name, folder, count):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=CONFIG, help="a config for the synthetic ADE20K data")
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
     parser.add_argument("--num-train", type=int, default=48)
@@ -104,7 +105,8 @@ def main(argv=None):
     make_synthetic_datasets(root, datasets=("ade20k",), num_train=args.num_train, num_val=args.num_val, seed=0)
     register_standard_datasets(root)
 
-    cfg = load_config(CONFIG, ["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
+    cfg = load_config(args.config_file,
+                      ["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -22,6 +22,7 @@ FORMATS = ("maps", "tokens")
 TOKEN_VARIANTS = {
     "MSDeformAttnPixelDecoder": "MSDeformAttnPixelDecoderPc",
     "MultiScaleMaskedTransformerDecoder": "MultiScaleMaskedTransformerDecoderPc",
+    "MultiScaleMaskedTransformerDecoderFASeg": "MultiScaleMaskedTransformerDecoderFASegPc",
 }
 
 

@@ -1,6 +1,7 @@
 """Mask2Former transformer decoders (TRANSFORMER_MODULE registry): the grid variant on dense maps
 (``mask2former_transformer_decoder_grid``) and the point-cloud variant on tokens
-(``mask2former_transformer_decoder``); :mod:`aff_seg.modeling.variants` picks one."""
+(``mask2former_transformer_decoder``); :mod:`aff_seg.modeling.variants` picks one.  FASeg's
+(``faseg``, ``faseg_pc``) likewise."""
 from .mask2former_transformer_decoder import (
     TRANSFORMER_DECODER_REGISTRY,
     MaskedTransformerDecoderBase,
@@ -8,6 +9,7 @@ from .mask2former_transformer_decoder import (
     build_transformer_decoder,
 )
 from .mask2former_transformer_decoder_grid import MultiScaleMaskedTransformerDecoder
+from .faseg_pc import MultiScaleMaskedTransformerDecoderFASegPc
 from .position_encoding import PointPositionEmbeddingSine, PositionEmbeddingSine
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "MaskedTransformerDecoderBase",
     "MultiScaleMaskedTransformerDecoder",
     "MultiScaleMaskedTransformerDecoderPc",
+    "MultiScaleMaskedTransformerDecoderFASegPc",
     "build_transformer_decoder",
     "PointPositionEmbeddingSine",
     "PositionEmbeddingSine",

@@ -86,10 +86,16 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
         """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool."""
+        return self.attend(tgt, memory, memory_mask, pos, query_pos, need_weights=False)[0]
+
+    def attend(self, tgt, memory, memory_mask, pos, query_pos, need_weights=True):
+        """``forward`` that also returns the attention weights ``b x Q x n`` averaged over the
+        heads (None unless ``need_weights``; FASeg's positional queries are built from them)."""
         x = self.norm(tgt) if self.normalize_before else tgt
-        out = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory, attn_mask=memory_mask)[0]
+        out, weights = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory,
+                                           attn_mask=memory_mask, need_weights=need_weights)
         tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return (tgt if self.normalize_before else self.norm(tgt)), weights
 
 
 class FFNLayer(nn.Module):
@@ -131,6 +137,8 @@ class MaskedTransformerDecoderBase(nn.Module):
 
     _version = 2
     num_feature_levels = 3  # res5, res4, res3, round robin (a subclass may use more)
+    # a query attends where its predicted mask probability reaches this
+    attn_mask_threshold = 0.5
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -231,6 +239,11 @@ class MaskedTransformerDecoderBase(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
 
+    def attention_mask(self, level_prob):
+        """``b x Q x n_l`` mask probabilities -> ``b*heads x Q x n_l`` bool attention mask, True =
+        blocked (probability below ``attn_mask_threshold``)."""
+        return (level_prob < self.attn_mask_threshold).repeat_interleave(self.num_heads, dim=0)
+
     def make_position_encoding(self, num_pos_feats):
         raise NotImplementedError
 
@@ -263,28 +276,17 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             ``aux_outputs`` (one such dict per earlier prediction).
         """
         del mask
-        if len(x) != self.num_feature_levels:
-            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
         canvas_hw = self._canvas_size(mf_pos)
-        src, pos_emb = [], []
-        for i in range(self.num_feature_levels):
-            pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))  # n x b x c
-            src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
-
-        # each level's attention masks are read off the res2 mask logits at the level's tokens:
-        # one neighbour search per level, shared by every layer that attends to that level
-        with torch.no_grad():
-            level_neighbours = [
-                shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos
-            ]
-
+        src, pos_emb = self._sources(x, pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+        outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
             output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
+        attn_mask = self.attention_mask(level_prob)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
@@ -296,8 +298,9 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
                 output, src[level_index], memory_mask=attn_mask, pos=pos_emb[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+            outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
                 output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw)
+            attn_mask = self.attention_mask(level_prob)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
@@ -308,6 +311,25 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
                 {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
             ],
         }
+
+    def _sources(self, x, pos):
+        """The levels' keys/values ``n_l x b x c`` (projected, plus the level embedding) and their
+        sine position encodings ``n_l x b x c``, for the ``num_feature_levels`` inputs."""
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
+        src, pos_emb = [], []
+        for i in range(self.num_feature_levels):
+            pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))
+            src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
+        return src, pos_emb
+
+    @staticmethod
+    @torch.no_grad()
+    def _level_neighbours(pos, mf_pos):
+        """Each level's attention masks are read off the res2 mask logits at the level's tokens:
+        one neighbour search per level (``shepard_neighbours``), shared by every layer that
+        attends to that level."""
+        return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos]
 
     @staticmethod
     def _canvas_size(mf_pos):
@@ -326,20 +348,23 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
             target_neighbours: ``shepard_neighbours(level positions, mf_pos)`` of the level the
-                next layer attends to (``b x n_l x k`` indices and weights).
+                next layer attends to (``b x n_l x k`` indices and weights), or None when no
+                layer needs it.
             canvas_hw: (h, w) of the stride-4 canvas.
         Returns:
-            class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the attention
-            mask ``b*heads x Q x n_l`` (True = blocked), detached.
+            class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the mask
+            probabilities at the level's tokens ``b x Q x n_l`` float32, detached (None when
+            ``target_neighbours`` is None).
         """
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # b x Q x c
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
-        with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
-            level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
-            attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
-            attn_mask = attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+        level_prob = None
+        if target_neighbours is not None:
+            with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
+                level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
+                level_prob = level_masks.transpose(1, 2).sigmoid()
         h, w = canvas_hw
         outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
-        return outputs_class, outputs_mask, attn_mask
+        return outputs_class, outputs_mask, level_prob

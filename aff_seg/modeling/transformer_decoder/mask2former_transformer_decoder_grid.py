@@ -3,7 +3,8 @@ with the module and state_dict names of facebookresearch/Mask2Former.
 
 The queries attend to the pixel decoder's res5, res4 and res3 maps in turn (one level per
 layer, round robin); each layer's attention mask is the previous prediction's mask logits
-bilinearly resized to the level's map, blocked where the probability is below 0.5.
+bilinearly resized to the level's map, blocked where the probability is below
+``attn_mask_threshold`` (0.5).
 """
 import torch
 from torch.nn import functional as F
@@ -53,7 +54,8 @@ class MultiScaleMaskedTransformerDecoder(MaskedTransformerDecoderBase):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+        outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(output, mask_features, size_list[0])
+        attn_mask = self.attention_mask(level_prob)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
@@ -63,8 +65,9 @@ class MultiScaleMaskedTransformerDecoder(MaskedTransformerDecoderBase):
                 output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+            outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
                 output, mask_features, size_list[(i + 1) % self.num_feature_levels])
+            attn_mask = self.attention_mask(level_prob)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
@@ -80,16 +83,19 @@ class MultiScaleMaskedTransformerDecoder(MaskedTransformerDecoderBase):
         """
         Args:
             output: ``Q x b x c``; mask_features: ``b x c x H/4 x W/4``.
-            attn_mask_target_size: (h, w) of the level the next layer attends to.
+            attn_mask_target_size: (h, w) of the level the next layer attends to, or None when
+                no layer needs its mask.
         Returns:
-            class logits ``b x Q x (K+1)``, mask logits ``b x Q x H/4 x W/4`` and the attention
-            mask ``b*heads x Q x h*w`` (bool, True = blocked), detached.
+            class logits ``b x Q x (K+1)``, mask logits ``b x Q x H/4 x W/4`` and the mask
+            probabilities resized to the level ``b x Q x h*w``, detached (None without a size).
         """
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # b x Q x c
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features.to(mask_embed.dtype))
-        with torch.no_grad():
-            resized = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
-            attn_mask = resized.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return outputs_class, outputs_mask, attn_mask
+        level_prob = None
+        if attn_mask_target_size is not None:
+            with torch.no_grad():
+                resized = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+                level_prob = resized.sigmoid().flatten(2)
+        return outputs_class, outputs_mask, level_prob

@@ -143,8 +143,9 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     # mask is its own pixel's logit < 0 (the level tokens are res2 tokens)
     output = decoder.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
     neighbours = shepard_neighbours(poss[1], feats["res2_pos"], k=4, power=3.0)
-    cls, masks, attn_mask = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], neighbours,
-                                                             (h, w))
+    cls, masks, level_prob = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], neighbours,
+                                                              (h, w))
+    attn_mask = decoder.attention_mask(level_prob)
     tokens = decoder.mask_embed(decoder.decoder_norm(output).transpose(0, 1)) @ mask_features.transpose(1, 2)
     pos2 = feats["res2_pos"].long()
     torch.testing.assert_close(masks[0, :, pos2[0, 7, 1], pos2[0, 7, 0]], tokens[0, :, 7])
