@@ -39,7 +39,8 @@ from detectron2.utils.file_io import PathManager
 from .modeling.backbone import segformer_weights
 from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
-__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES"]
+__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES",
+           "check_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,17 @@ def split_classification_checkpoint(state_dict):
         return None, []
     dropped = sorted(k for k in state_dict if k.startswith(CLASSIFIER_PREFIXES))
     return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}, dropped
+
+
+def check_weights(path):
+    """Raise ``FileNotFoundError`` naming ``path`` when it is a local weights file that is
+    missing.  An empty path (random initialisation) and URLs (``https://``,
+    ``detectron2://`` ...) are left to detectron2's checkpointer."""
+    if path and "://" not in path and not os.path.isfile(path) and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS: weights file not found: {path}. Download it (MODEL_ZOO.md lists the "
+            "published ones), give its URL, or set MODEL.WEIGHTS \"\" to start from random weights"
+        )
 
 
 class AFFCheckpointer(DetectionCheckpointer):

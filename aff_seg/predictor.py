@@ -34,12 +34,11 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .checkpoint import AFFCheckpointer
+from .checkpoint import AFFCheckpointer, check_weights
 from .config import load_config
 from .solver import AMP_DTYPES
 
-__all__ = ["Predictor", "StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens",
-           "inference_autocast"]
+__all__ = ["Predictor", "StageTokens", "VisualizationDemo", "draw_kept_tokens", "inference_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +62,6 @@ class StageTokens:
     num_tokens: int
     centers: np.ndarray
     cell: tuple
-
-
-def check_weights(path):
-    """Raise ``FileNotFoundError`` naming ``path`` when it is a local weights file that is
-    missing.  An empty path (random initialisation) and URLs (``https://``,
-    ``detectron2://`` ...) are left to detectron2's checkpointer."""
-    if path and "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.WEIGHTS: weights file not found: {path}")
 
 
 def inference_autocast(cfg):

@@ -1,14 +1,58 @@
-"""Processes of a run: setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
+"""Processes of a run: input checks, setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["launch", "resolve_dist_backend", "setup_run"]
+from ..checkpoint import check_weights
+from ..config import ConfigError
+from ..data.datasets import check_dataset_exists
+
+__all__ = ["check_run_inputs", "launch", "resolve_dist_backend", "setup_run"]
+
+# evaluator types whose classes are the "thing" classes (the others: stuff_classes)
+_INSTANCE_EVALUATORS = ("coco", "lvis", "cityscapes_instance")
+
+
+def check_run_inputs(cfg, train=True, resume=False):
+    """Stop, before anything is built, on a run input that is missing or does not fit:
+
+    * ``MODEL.WEIGHTS`` names a local file that does not exist (not checked when ``resume``
+      continues from ``OUTPUT_DIR/last_checkpoint``);
+    * a dataset of ``DATASETS.TRAIN`` (when ``train``) or ``DATASETS.TEST`` is not registered
+      or its files are missing (``check_dataset_exists`` says how to create them);
+    * ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` differs from the dataset's class count.
+
+    Raises:
+        FileNotFoundError or ConfigError, with one message naming the file or key.
+    """
+    if not (resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        check_weights(cfg.MODEL.WEIGHTS)
+    for name in (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST):
+        try:
+            check_dataset_exists(name)
+        except KeyError as e:
+            raise ConfigError(f"DATASETS: {e.args[0]}") from None
+        check_num_classes(cfg, name)
+
+
+def check_num_classes(cfg, dataset_name):
+    """``ConfigError`` when ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` differs from the number of
+    classes of ``dataset_name`` (its ``thing_classes`` for instance segmentation, else its
+    ``stuff_classes``; not checked when the metadata has neither)."""
+    metadata = MetadataCatalog.get(dataset_name)
+    key = "thing_classes" if metadata.get("evaluator_type") in _INSTANCE_EVALUATORS else "stuff_classes"
+    classes = metadata.get(key)
+    if classes is not None and len(classes) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+        raise ConfigError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}, but dataset {dataset_name!r} "
+            f"has {len(classes)} classes ({key}): set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}"
+        )
 
 
 def _environment_summary():
