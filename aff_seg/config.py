@@ -166,6 +166,9 @@ def add_maskformer2_config(cfg):
     mf.TEST.OVERLAP_THRESHOLD = 0.0
     mf.TEST.SANITY_CHECK = False
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # inference returns "sem_seg_labels" (H x W argmax) computed a few rows at a time instead
+    # of K x H x W scores: bounded memory for large images; the evaluators need the scores
+    mf.TEST.SEMANTIC_LABELS_ONLY = False
 
     # FASeg's decoder (dynamic focus-aware positional queries + high-resolution cross-attention),
     # the constants the original hard-wires, with its values (docs/faseg.md)

@@ -36,6 +36,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import AFFCheckpointer, check_weights
 from .config import load_config
+from .evaluation import SlidingWindowInference
 from .solver import AMP_DTYPES
 
 __all__ = ["Predictor", "StageTokens", "VisualizationDemo", "draw_kept_tokens", "inference_autocast"]
@@ -109,7 +110,8 @@ class Predictor(DefaultPredictor):
 
     Calling it on an ``H x W x 3`` uint8 BGR image returns the model's output dict for that
     image at its original size (``sem_seg``: ``K x H x W`` scores, ``instances``,
-    ``panoptic_seg``), float tensors in float32 also under ``TEST.AMP``.
+    ``panoptic_seg``), float tensors in float32 also under ``TEST.AMP``; with
+    ``TEST.SLIDING_WINDOW.ENABLED`` the model runs on sliding windows and returns ``sem_seg`` only.
     ``predictor.cfg`` is the frozen config used.
     """
 
@@ -136,6 +138,8 @@ class Predictor(DefaultPredictor):
         self.cfg = cfg
         if cfg.MODEL.WEIGHTS:
             AFFCheckpointer(self.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
+        if cfg.TEST.SLIDING_WINDOW.ENABLED:
+            self.model = SlidingWindowInference.from_config(cfg, self.model)
 
     def __call__(self, image):
         with inference_autocast(self.cfg):
@@ -193,6 +197,12 @@ class VisualizationDemo:
         """
         if not with_tokens:
             return self.predictor(image), None
+        backbone = self.predictor.model.backbone
+        if getattr(backbone, "output_format", "maps") != "tokens":
+            raise ValueError(
+                f"--show-tokens needs a backbone that returns tokens; MODEL.BACKBONE.NAME="
+                f"{self.predictor.cfg.MODEL.BACKBONE.NAME!r} returns dense maps"
+            )
         hook = self.predictor.model.backbone.register_forward_hook(self._keep_backbone_outputs)
         try:
             predictions = self.predictor(image)
@@ -249,7 +259,9 @@ class VisualizationDemo:
             panoptic_seg, segments_info = predictions["panoptic_seg"]
             return visualizer.draw_panoptic_seg(panoptic_seg.to(self.cpu_device), segments_info)
         vis_output = None
-        if "sem_seg" in predictions:
+        if "sem_seg_labels" in predictions:  # MODEL.MASK_FORMER.TEST.SEMANTIC_LABELS_ONLY
+            vis_output = visualizer.draw_sem_seg(predictions["sem_seg_labels"].to(self.cpu_device))
+        elif "sem_seg" in predictions:
             labels = predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
             vis_output = visualizer.draw_sem_seg(labels)
         if "instances" in predictions:
@@ -257,7 +269,7 @@ class VisualizationDemo:
             vis_output = visualizer.draw_instance_predictions(predictions=instances)
         if vis_output is None:
             raise ValueError(
-                "the model returned none of panoptic_seg, sem_seg, instances: "
+                "the model returned none of panoptic_seg, sem_seg, sem_seg_labels, instances: "
                 f"got keys {sorted(predictions)}"
             )
         return vis_output

@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AFFCheckpointer
 from ..data.build import build_train_loader
-from ..evaluation import SemanticSegmentorWithTTA, build_evaluator
+from ..evaluation import SemanticSegmentorWithTTA, SlidingWindowInference, build_evaluator
 from ..solver import MixedPrecisionTrainer, build_lr_scheduler, build_optimizer
 from .hooks import IterationSeed
 
@@ -106,6 +106,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation; with ``TEST.SLIDING_WINDOW.ENABLED`` the model runs on sliding windows
+        (test-time augmentation, ``test_with_TTA``, stays whole-image)."""
+        if cfg.TEST.SLIDING_WINDOW.ENABLED and not isinstance(model, SemanticSegmentorWithTTA):
+            model = SlidingWindowInference.from_config(cfg, model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

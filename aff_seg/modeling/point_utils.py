@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 SHEPARD_EPS = 1e-11
+# without autograd, PointConv merges at most this many output tokens at a time: its
+# ``n x inner_ch x c`` intermediate (4 GB for the pixel decoder at 4096 x 4096) stays bounded
+POINTCONV_CHUNK = 1 << 16
 
 
 def relative_position_features(offset):
@@ -79,6 +82,16 @@ class PointConv(nn.Module):
         Returns:
             ``b x n x out_dim``.
         """
+        n = nbhd_idx.shape[1]
+        if torch.is_grad_enabled() or n <= POINTCONV_CHUNK:
+            return self._merge(feat, nbhd_idx, offset, modulation)
+        return torch.cat([
+            self._merge(feat, nbhd_idx[:, s:s + POINTCONV_CHUNK], offset[:, s:s + POINTCONV_CHUNK],
+                        None if modulation is None else modulation[:, s:s + POINTCONV_CHUNK])
+            for s in range(0, n, POINTCONV_CHUNK)
+        ], dim=1)
+
+    def _merge(self, feat, nbhd_idx, offset, modulation):
         weights = self.weight_net(relative_position_features(offset).to(self.weight_net[0].weight.dtype))
         if modulation is not None:
             weights = weights * modulation

@@ -166,3 +166,31 @@ def test_mixed_precision_training_follows_fp32(precision, registered_root, tmp_p
 
     assert mean(low[-10:]) < 0.85 * mean(low[:5]), low  # it learns
     assert abs(mean(low[-10:]) - mean(fp32[-10:])) < 0.15 * mean(fp32[-10:]), (low[-10:], fp32[-10:])
+
+
+def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path):
+    """The grid Mask2Former (ResNet maps, upstream heads): train 3 iterations; as if killed after
+    the checkpoint of iteration 1, resume (train_net's --resume path) and run iteration 2; then
+    train_net.py --eval-only of the final weights reproduces the final evaluation."""
+    from detectron2.config import get_cfg
+
+    from aff_seg import add_maskformer2_config
+
+    config = os.path.join(CONFIGS, "synthetic/ade20k_semantic_grid.yaml")
+    opts = tiny_opts("ade20k_semantic", tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2)
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(opts)
+    train(cfg)
+    os.remove(tmp_path / "model_final.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    evaluated = _train_net(["--config-file", config, "--eval-only",
+                            *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")], registered_root)
+    expected = resumed._last_eval_results["sem_seg"]
+    assert {k: round(expected[k], 4) for k in ("mIoU", "fwIoU", "mACC", "pACC")} == {
+        k: v for k, v in _copypaste_metrics(evaluated).items() if k in ("mIoU", "fwIoU", "mACC", "pACC")}

@@ -65,6 +65,7 @@ class MaskFormer(nn.Module):
         panoptic_on: bool,
         instance_on: bool,
         test_topk_per_image: int,
+        semantic_labels_only: bool = False,
     ):
         """
         Args:
@@ -80,6 +81,9 @@ class MaskFormer(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation of the input.
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instance inference keeps this many (query, class) pairs.
+            semantic_labels_only: inference returns ``sem_seg_labels`` (the ``H x W`` argmax of
+                semantic inference) computed a few rows at a time, instead of ``K x H x W``
+                scores: bounded memory for large images (the evaluators need the scores).
         """
         super().__init__()
         self.backbone = backbone
@@ -106,6 +110,11 @@ class MaskFormer(nn.Module):
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
+        self.semantic_labels_only = semantic_labels_only
+        if semantic_labels_only and (panoptic_on or instance_on or not semantic_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.SEMANTIC_LABELS_ONLY needs SEMANTIC_ON True and PANOPTIC_ON, INSTANCE_ON False"
+            )
         if not self.semantic_on and not self.sem_seg_postprocess_before_inference:
             raise ValueError("sem_seg_postprocess_before_inference must be True when semantic inference is off")
         if panoptic_on and metadata.get("thing_dataset_id_to_contiguous_id", None) is None:
@@ -162,6 +171,7 @@ class MaskFormer(nn.Module):
             "instance_on": mf.TEST.INSTANCE_ON,
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "semantic_labels_only": mf.TEST.SEMANTIC_LABELS_ONLY,
         }
 
     @property
@@ -182,7 +192,7 @@ class MaskFormer(nn.Module):
                 ``instances`` (``gt_classes``, ``gt_masks``), optionally ``height``/``width``.
         Returns:
             training: dict of weighted losses.  Inference: one dict per image with ``sem_seg``
-            (K x H x W), ``panoptic_seg`` ((H x W int32 ids, segments_info)) and/or ``instances``
+            (K x H x W; or ``sem_seg_labels``, H x W, with ``semantic_labels_only``), ``panoptic_seg`` ((H x W int32 ids, segments_info)) and/or ``instances``
             (``pred_masks``, ``scores``, ``pred_classes``, ``pred_boxes``) at ``height x width``.
         """
         images = self.preprocess_image(batched_inputs)
@@ -196,6 +206,15 @@ class MaskFormer(nn.Module):
             losses = self.criterion(outputs, targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
+        if self.semantic_labels_only:
+            return [
+                {"sem_seg_labels": semantic_labels(
+                    mask_cls.float(), mask_pred.float(), images.tensor.shape[-2:], image_size,
+                    (x.get("height", image_size[0]), x.get("width", image_size[1])),
+                    self.sem_seg_postprocess_before_inference)}
+                for mask_cls, mask_pred, x, image_size in zip(
+                    outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes)
+            ]
         mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = F.interpolate(
             outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
@@ -303,3 +322,70 @@ class MaskFormer(nn.Module):
         result.scores = scores_per_image * mask_scores
         result.pred_classes = labels_per_image
         return result
+
+
+SEMANTIC_LABEL_ROWS = 32  # output rows per step of ``semantic_labels``
+
+
+def _resize_matrix(n_in, n_out, device):
+    """``n_out x n_in`` matrix of 1-D linear resizing as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does it along one axis (its weights, read off the identity)."""
+    eye = torch.eye(n_in, device=device).unsqueeze(0)  # 1 x n_in (channels) x n_in (length)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+def _taps(matrix):
+    """The at most 4 non-zero weights of each row of a resize matrix: (index, weight), ``n_out x t``."""
+    weight, index = matrix.topk(min(4, matrix.shape[1]), dim=1)
+    return index, weight
+
+
+def _resize_rows(x, taps, dim):
+    """Resize ``x`` along ``dim`` (1 or 2 of a 3-D tensor) with ``_taps``."""
+    index, weight = taps
+    if dim == 1:
+        return (x[:, index] * weight[None, :, :, None]).sum(2)
+    return (x[:, :, index] * weight[None, None]).sum(-1)
+
+
+def semantic_labels(mask_cls, mask_pred, padded_hw, image_size, output_hw, postprocess_before_inference):
+    """The label map of Mask2Former's semantic inference without its ``K x H x W`` scores.
+
+    The same maths as ``MaskFormer.forward``: mask logits resized to the padded input, cropped
+    to the image; then either (``postprocess_before_inference``) resized to the output, sigmoid,
+    class-weighted sum; or sigmoid, class-weighted sum, and the scores resized to the output.
+    Computed ``SEMANTIC_LABEL_ROWS`` output rows at a time, so memory grows with the image width,
+    not its area. Equal to the argmax of the full computation up to float rounding.
+
+    Args:
+        mask_cls: ``Q x (K+1)`` class logits; mask_pred: ``Q x h x w`` mask logits (stride 4).
+        padded_hw: (H_pad, W_pad) of the padded input; image_size: (H, W) of the image in it.
+        output_hw: (height, width) of the result.
+    Returns:
+        ``height x width`` int64 class indices.
+    """
+    device = mask_pred.device
+    probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
+    first, second = [], []
+    for n_in, n_pad, n_img, n_out in zip(mask_pred.shape[-2:], padded_hw, image_size, output_hw):
+        to_image = _resize_matrix(n_in, n_pad, device)[:n_img]
+        to_output = _resize_matrix(n_img, n_out, device)
+        if postprocess_before_inference:
+            first.append(_taps(to_output @ to_image))
+        else:
+            first.append(_taps(to_image))
+            second.append(_taps(to_output))
+    labels = []
+    for start in range(0, output_hw[0], SEMANTIC_LABEL_ROWS):
+        rows = slice(start, start + SEMANTIC_LABEL_ROWS)
+        if postprocess_before_inference:
+            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][rows], first[0][1][rows]), 1), first[1], 2)
+            scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+        else:
+            index, weight = second[0][0][rows], second[0][1][rows]
+            lo, hi = int(index.min()), int(index.max()) + 1  # the image rows these output rows read
+            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][lo:hi], first[0][1][lo:hi]), 1), first[1], 2)
+            image_scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+            scores = _resize_rows(_resize_rows(image_scores, (index - lo, weight), 1), second[1], 2)
+        labels.append(scores.argmax(0))
+    return torch.cat(labels)

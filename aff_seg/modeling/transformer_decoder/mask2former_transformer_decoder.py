@@ -273,7 +273,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             mask: unused (padding is not masked, as upstream).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
-            ``aux_outputs`` (one such dict per earlier prediction).
+            ``aux_outputs`` (in training, one such dict per earlier prediction; empty in eval).
         """
         del mask
         canvas_hw = self._canvas_size(mf_pos)
@@ -284,8 +284,10 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
+        # in inference only the last prediction's dense masks are used (aux_outputs feed the
+        # training losses): the others skip the b x Q x h x w canvas
         outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-            output, mask_features, mf_pos, level_neighbours[0], canvas_hw)
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw, self.training or self.num_layers == 0)
         attn_mask = self.attention_mask(level_prob)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
@@ -299,7 +301,8 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw)
+                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw,
+                self.training or i == self.num_layers - 1)
             attn_mask = self.attention_mask(level_prob)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
@@ -309,7 +312,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             "pred_masks": predictions_mask[-1],
             "aux_outputs": [
                 {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
+            ] if self.training else [],
         }
 
     def _sources(self, x, pos):
@@ -343,7 +346,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             )
         return h, w
 
-    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw):
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw, with_canvas=True):
         """
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
@@ -351,6 +354,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
                 next layer attends to (``b x n_l x k`` indices and weights), or None when no
                 layer needs it.
             canvas_hw: (h, w) of the stride-4 canvas.
+            with_canvas: scatter the mask logits onto the canvas (else None is returned for them).
         Returns:
             class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the mask
             probabilities at the level's tokens ``b x Q x n_l`` float32, detached (None when
@@ -365,6 +369,5 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
             with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
                 level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
                 level_prob = level_masks.transpose(1, 2).sigmoid()
-        h, w = canvas_hw
-        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
-        return outputs_class, outputs_mask, level_prob
+        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, *canvas_hw) if with_canvas else None
+        return outputs_class, outputs_mask, level_prob  # masks: b x Q x h x w

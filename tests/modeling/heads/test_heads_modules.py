@@ -138,6 +138,12 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     assert out["pred_masks"].shape == (b, 5, h, w)
     assert len(out["aux_outputs"]) == 4
     assert all(a["pred_masks"].shape == (b, 5, h, w) for a in out["aux_outputs"])
+    # inference needs the last prediction only: no auxiliary canvases, the same final outputs
+    eval_out = decoder.eval()(levels, poss, mask_features, feats["res2_pos"])
+    decoder.train()
+    assert eval_out["aux_outputs"] == []
+    assert torch.equal(eval_out["pred_masks"], out["pred_masks"])
+    assert torch.equal(eval_out["pred_logits"], out["pred_logits"])
 
     # the masks are the token logits scattered onto the canvas, and a level token's attention
     # mask is its own pixel's logit < 0 (the level tokens are res2 tokens)
