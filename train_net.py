@@ -59,6 +59,10 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser()
     parser.add_argument(
+        "--verbose", action="store_true",
+        help="also print the full config and the model's structure (always in OUTPUT_DIR/log.txt)",
+    )
+    parser.add_argument(
         "--dist-backend",
         default="auto",
         choices=("auto", "nccl", "gloo"),

@@ -128,7 +128,7 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # AMP dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16" (float16 uses a GradScaler)
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
-    # inference (aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
+    # inference (evaluation, aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.PRECISION = "bfloat16"

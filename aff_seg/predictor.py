@@ -39,7 +39,8 @@ from .config import load_config
 from .evaluation import SlidingWindowInference
 from .solver import AMP_DTYPES
 
-__all__ = ["Predictor", "StageTokens", "VisualizationDemo", "draw_kept_tokens", "inference_autocast"]
+__all__ = ["AutocastInference", "Predictor", "StageTokens", "VisualizationDemo", "as_float32", "draw_kept_tokens",
+           "inference_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,21 @@ def as_float32(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(as_float32(value) for value in outputs)
     return outputs
+
+
+class AutocastInference(torch.nn.Module):
+    """``model`` whose forward runs under ``inference_autocast(cfg)`` (``TEST.AMP``) and hands
+    back float32 outputs; what the evaluation runs with ``TEST.AMP.ENABLED``."""
+
+    def __init__(self, cfg, model):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with inference_autocast(self.cfg):
+            outputs = self.model(*args, **kwargs)
+        return as_float32(outputs)
 
 
 class Predictor(DefaultPredictor):

@@ -1,7 +1,10 @@
 """Processes of a run: input checks, setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
 import datetime
+import logging
 import os
+import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,6 +75,10 @@ def setup_run(cfg, args):
     rank), the arguments and full config logged, ``config.yaml`` saved, RNGs seeded with
     ``SEED + rank`` (``SEED < 0``: random).
 
+    The console gets INFO and above; the full config, the model's repr (logged by the
+    trainer) and the evaluators' per-class results are DEBUG lines, written to ``log.txt``
+    only, or also to the console when ``args.verbose``.
+
     It differs in one point: the environment summary does not come from detectron2's
     ``collect_env_info``, which needs the C++ extension this installation lacks.
     """
@@ -81,9 +88,16 @@ def setup_run(cfg, args):
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     rank = comm.get_rank()
-    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
-    setup_logger(output_dir, distributed_rank=rank, name="aff_seg")
-    logger = setup_logger(output_dir, distributed_rank=rank)
+    console_level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    for name in ("fvcore", "aff_seg", "detectron2"):
+        for handler in setup_logger(output_dir, distributed_rank=rank, name=name).handlers:
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):  # the console, not log.txt
+                handler.setLevel(console_level)
+    for name in _PER_CLASS_LOGGERS:
+        per_class = logging.getLogger(name)
+        if not any(isinstance(f, _PerClassToDebug) for f in per_class.filters):
+            per_class.addFilter(_PerClassToDebug())
+    logger = logging.getLogger("detectron2")
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     logger.info(f"Environment: {_environment_summary()}")
     logger.info(f"Command line arguments: {args}")
@@ -91,10 +105,39 @@ def setup_run(cfg, args):
         path = os.path.join(output_dir, "config.yaml")
         with open(path, "w") as f:
             f.write(cfg.dump())
-        logger.info(f"Running with full config:\n{cfg.dump()}\nsaved to {path}")
+        logger.info(f"Full config saved to {path}")
+        logger.debug(f"Running with full config:\n{cfg.dump()}")
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+# detectron2 evaluators that log per-class results at INFO
+_PER_CLASS_LOGGERS = ("detectron2.evaluation.sem_seg_evaluation", "detectron2.evaluation.coco_evaluation",
+                      "detectron2.evaluation.lvis_evaluation")
+
+
+class _PerClassToDebug(logging.Filter):
+    """Turns an evaluator's per-class output (``SemSegEvaluator``'s whole results dict, the
+    per-category AP tables) into a DEBUG record, with numpy scalars written as plain numbers;
+    the summary still reaches the console through detectron2's ``copypaste`` lines."""
+
+    def filter(self, record):
+        if isinstance(record.msg, dict) or str(record.msg).startswith("Per-category"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg = plain_numbers(record.msg)
+        return True
+
+
+def plain_numbers(value):
+    """``value`` with numpy scalars (inside dicts, lists, tuples) as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, plain_numbers(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value)
+    return value
 
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)

@@ -132,6 +132,35 @@ def test_two_cpu_processes_train_and_evaluate_with_gloo(gloo_run):
     assert math.isfinite(_copypaste_metrics((out / "log.txt").read_text())["mIoU"])
 
 
+def test_console_is_quiet_and_the_details_go_to_log_txt(gloo_run):
+    """No config dump, model repr or per-class dict on the console (they are in log.txt), and
+    metrics as plain numbers."""
+    out, log = gloo_run
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail not in log
+    assert "np.float64" not in log
+    assert len(log.splitlines()) < 60, log
+    details = (out / "log.txt").read_text()
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail in details
+    assert "np.float64" not in details
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_evaluation_under_test_amp(precision, registered_root, tmp_path):
+    """TEST.AMP: the evaluation runs the model in low precision and scores like fp32."""
+    cfg = tiny_cfg("ade20k_semantic", tmp_path)
+    model = Trainer.build_model(cfg)
+    fp32 = Trainer.test(cfg, model)
+    amp_cfg = tiny_cfg("ade20k_semantic", tmp_path, "TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", precision)
+    dtypes = []
+    model.sem_seg_head.predictor.register_forward_hook(lambda m, i, out: dtypes.append(out["pred_masks"].dtype))
+    amp = Trainer.test(amp_cfg, model)
+    assert set(dtypes) == {getattr(torch, precision)}
+    assert type(amp["sem_seg"]["mIoU"]) is float
+    assert amp["sem_seg"]["mIoU"] == pytest.approx(fp32["sem_seg"]["mIoU"], abs=1.0)
+
+
 def test_eval_only_reproduces_the_final_evaluation(gloo_run, synthetic_root, tmp_path):
     out, _ = gloo_run
     config = os.path.join(CONFIGS, TASKS["ade20k_semantic"])
