@@ -22,32 +22,130 @@
   ``strict`` (``MODEL.WEIGHTS_STRICT``) a tensor the model lacks or holds in another shape, or a model tensor
   the checkpoint should cover but lacks (another size or family), stops the load with every such name;
   otherwise they are reported and the rest loads.
+Loading is strict (``check_load``): missing, unexpected or shape-mismatched keys stop the load
+with a table of them (``CheckpointMismatchError``), unless the checkpointer was made with
+``strict=False`` (``MODEL.WEIGHTS_STRICT False``) or the file is a classification checkpoint
+(backbone pre-training: keys the segmentation model adds stay randomly initialised, and the
+table of them is logged). Resuming a training run (model plus trainer state) is always strict.
+Checkpoints saved by ``AFFCheckpointer`` carry a SHA-256 of their model tensors
+(``tensor_checksum``), verified when they are read.
 """
+<<<<<<< HEAD
 import glob
+=======
+import hashlib
+>>>>>>> main
 import io
 import json
 import logging
 import os
 import pickle
+<<<<<<< HEAD
 import zipfile
+=======
+from dataclasses import dataclass, field
+>>>>>>> main
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+from tabulate import tabulate
 
 from .modeling.backbone import segformer_weights
 from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
+<<<<<<< HEAD
 __all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES",
            "check_weights"]
+=======
+__all__ = [
+    "AFFCheckpointer",
+    "CheckpointMismatchError",
+    "HF_WEIGHT_FILES",
+    "LoadReport",
+    "check_load",
+    "load_weights_file",
+    "split_classification_checkpoint",
+    "tensor_checksum",
+]
+>>>>>>> main
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_PREFIXES = ("head.", "norm.")  # the classification model's final norm and classifier
 STEM_KEY = "patch_embed.proj1.weight"
+CHECKSUM_KEY = "tensor_checksum"
 FORMATS_AUTHOR = "SegFormer/BoostFormer conversion"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes, in preference order
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model, or whose tensors fail their checksum."""
+
+
+def tensor_checksum(state_dict):
+    """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``state_dict``'s tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadReport:
+    """What loading ``source`` into a model matched.
+
+    Attributes:
+        missing: model keys the file lacks (they keep their initial values).
+        unexpected: file keys the model does not have.
+        mismatched: ``(key, shape in the file, shape in the model)``; not loaded.
+        loaded: number of model keys loaded from the file.
+        classification: the file holds backbone weights only (a classification checkpoint,
+            as used for backbone pre-training).
+    """
+
+    source: str
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)
+    loaded: int = 0
+    classification: bool = False
+
+    @property
+    def clean(self):
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def table(self):
+        rows = [(k, "missing in the file (left at its initial value)", "", "") for k in self.missing]
+        rows += [(k, "not in the model (ignored)", "", "") for k in self.unexpected]
+        rows += [(k, "shape differs (not loaded)", str(f), str(m)) for k, f, m in self.mismatched]
+        return tabulate(rows, headers=["key", "problem", "shape in file", "shape in model"], tablefmt="pipe")
+
+
+def check_load(report, allow_partial):
+    """Raise ``CheckpointMismatchError`` with the report's table unless the load is clean, or
+    ``allow_partial`` holds (the table is then logged as a warning). Missing and unexpected keys
+    of a classification checkpoint are expected and logged; a file of which no key fits the
+    model is refused either way."""
+    if report.clean:
+        return
+    summary = (f"{report.source}: {report.loaded} tensors loaded, {len(report.missing)} missing, "
+               f"{len(report.unexpected)} unexpected, {len(report.mismatched)} of another shape")
+    if report.loaded == 0:
+        raise CheckpointMismatchError(f"{summary}: no key of the file fits the model\n{report.table()}")
+    if allow_partial or (report.classification and not report.mismatched):
+        logger.warning(f"{summary}; the model keeps its initial values for what was not loaded:\n{report.table()}")
+        return
+    raise CheckpointMismatchError(
+        f"{summary}: the file does not fit the model (another architecture or size?)\n{report.table()}\n"
+        "Set MODEL.WEIGHTS_STRICT False to load what matches and leave the rest as initialised."
+    )
 
 
 def _numpy_globals():
@@ -126,26 +224,57 @@ def check_weights(path):
 
 
 class AFFCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with code-free loading, AFF classification checkpoints and the SegFormer /
-    BoostFormer formats.
+    """``DetectionCheckpointer`` with code-free loading, classification checkpoints, strict
+    loading (see the module doc) and tensor checksums.
 
-    Use it wherever detectron2's checkpointer loads ``MODEL.WEIGHTS`` (trainer, predictor), with
-    ``strict=cfg.MODEL.WEIGHTS_STRICT``.
+    Use it wherever detectron2's checkpointer loads ``MODEL.WEIGHTS`` (trainer, predictor, tools),
+    with ``strict=cfg.MODEL.WEIGHTS_STRICT``.
     """
 
-    def __init__(self, model, save_dir="", *, strict=True, **checkpointables):
-        super().__init__(model, save_dir, **checkpointables)
+    def __init__(self, model, save_dir="", *, strict=True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
         self.strict = strict
+        self._restoring = ()
 
-    def load(self, path, *args, **kwargs):
+    def save(self, name, **kwargs):
+        super().save(name, **{CHECKSUM_KEY: tensor_checksum(self.model.state_dict())}, **kwargs)
+
+    def load(self, path, checkpointables=None):
         if path and os.path.isdir(path):  # a HuggingFace save_pretrained directory
             found = [os.path.join(path, name) for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
             if not found:
                 raise FileNotFoundError(f"{path}: a directory without {' or '.join(HF_WEIGHT_FILES)}")
             path = found[0]
-        return super().load(path, *args, **kwargs)
+        self._restoring = tuple(self.checkpointables if checkpointables is None else checkpointables)
+        return super().load(path, checkpointables)
+
+    def _load_model(self, checkpoint):
+        source = checkpoint.pop("__source__", "the checkpoint")
+        resuming = [k for k in self._restoring if k in checkpoint]
+        model_keys = list(self.model.state_dict())
+        incompatible = super()._load_model(checkpoint)
+        mismatched = [(k, tuple(f), tuple(m)) for k, f, m in incompatible.incorrect_shapes]
+        missing = [k for k in incompatible.missing_keys if k not in {m[0] for m in mismatched}]
+        # BatchNorm never reports its num_batches_tracked missing: not counted as loaded
+        loaded = {k for k in model_keys if not k.endswith("num_batches_tracked")} - set(incompatible.missing_keys)
+        # backbone pre-training (a classification checkpoint): it fits the backbone only
+        classification = bool(loaded) and hasattr(self.model, "backbone") and all(
+            k.startswith("backbone.") for k in loaded)
+        report = LoadReport(source, missing, list(incompatible.unexpected_keys), mismatched,
+                            loaded=len(loaded), classification=classification)
+        if resuming and not report.clean:
+            raise CheckpointMismatchError(
+                f"cannot resume from {source}: its model does not fit this model, so its "
+                f"{', '.join(resuming)} state cannot either (another config?)\n{report.table()}")
+        check_load(report, allow_partial=not self.strict)
+        return None  # reported above (detectron2 would log the keys a second time)
 
     def _load_file(self, filename):
+        loaded = self._read_file(filename)
+        loaded["__source__"] = filename
+        return loaded
+
+    def _read_file(self, filename):
         if not filename.endswith((".pth", ".pt", ".pkl", ".bin", ".safetensors")):
             return super()._load_file(filename)
         loaded = load_weights_file(filename)
@@ -157,6 +286,9 @@ class AFFCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename}: not a detectron2-format .pkl (needs 'model' and '__author__')")
         if not isinstance(loaded, dict) or "model" not in loaded:
             loaded = {"model": loaded}
+        if CHECKSUM_KEY in loaded and tensor_checksum(loaded["model"]) != loaded.pop(CHECKSUM_KEY):
+            raise CheckpointMismatchError(
+                f"{filename}: the tensors do not match the checksum saved with them; the file is corrupted")
         focal, dropped = focal_classification_state_dict(loaded["model"])
         if focal is not None:
             return self._focal_checkpoint(filename, focal, dropped)
@@ -186,7 +318,7 @@ class AFFCheckpointer(DetectionCheckpointer):
         if problems:
             message = f"{what} does not match the model. " + "; ".join(problems)
             if self.strict:
-                raise ValueError(message + ". Set MODEL.WEIGHTS_STRICT False to load the tensors that match.")
+                raise CheckpointMismatchError(message + ". Set MODEL.WEIGHTS_STRICT False to load the tensors that match.")
             logger.warning(message + ". Loading the tensors that match (MODEL.WEIGHTS_STRICT is False).")
             model_state = self.model.state_dict()
             converted = {k: v for k, v in converted.items()

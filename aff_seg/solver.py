@@ -2,7 +2,9 @@
 
 * ``build_optimizer``: SGD or AdamW; the backbone's learning rate is scaled by
   ``BACKBONE_MULTIPLIER``; norm layers get ``WEIGHT_DECAY_NORM`` and embeddings
-  ``WEIGHT_DECAY_EMBED`` (0 in every shipped config); everything else, the AFF blank tokens,
+  ``WEIGHT_DECAY_EMBED`` (0 in every shipped config), as do relative position bias tables and
+  absolute position embeddings (parameter names with ``POSITION_EMBED_NAMES``, as Mask2Former
+  treats Swin's; Focal's three bias tables included); everything else, the AFF blank tokens,
   Shepard powers and position-embedding linears included, gets ``WEIGHT_DECAY``.
   ``CLIP_GRADIENTS`` with ``CLIP_TYPE: full_model`` clips the L2 norm of all gradients together
   (detectron2 itself clips per parameter only); other clip types go to detectron2.
@@ -37,6 +39,9 @@ NORM_MODULE_TYPES = (
     torch.nn.LocalResponseNorm,
 )
 
+# parameters (by name) that decay like embeddings
+POSITION_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
 # SOLVER.AMP.PRECISION -> autocast dtype
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +51,7 @@ def _param_groups(cfg, model):
     groups = {}
     seen = set()
     for module_name, module in model.named_modules():
-        for value in module.parameters(recurse=False):
+        for name, value in module.named_parameters(recurse=False):
             if not value.requires_grad or value in seen:
                 continue
             seen.add(value)
@@ -56,7 +61,7 @@ def _param_groups(cfg, model):
             weight_decay = cfg.SOLVER.WEIGHT_DECAY
             if isinstance(module, NORM_MODULE_TYPES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            elif isinstance(module, torch.nn.Embedding):
+            elif isinstance(module, torch.nn.Embedding) or any(k in f"{module_name}.{name}" for k in POSITION_EMBED_NAMES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
             groups.setdefault((lr, weight_decay), []).append(value)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]

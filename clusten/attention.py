@@ -1,4 +1,4 @@
-"""Fused cluster attention: AFF's local attention (spec section 3.3) as one op.
+"""Fused cluster attention: AFF's local attention (see docs/aff.md) as one op.
 
 For query i of head h (``q`` already scaled by c'^-0.5, as the original's projection does):
 
@@ -7,19 +7,19 @@ For query i of head h (``q`` already scaled by c'^-0.5, as the original's projec
     p    = softmax over the M + 1 logits
     out_i = sum_j p_ij v[idx_ij] + p_i0 blank_v[h]
 
-Two implementations of the same custom op (``torch.ops.clusten.cluster_attention_fwd`` / ``_bwd``):
+One custom op pair (``torch.ops.clusten.cluster_attention_fwd`` / ``_bwd``), two implementations:
 
-- Triton (:mod:`clusten.attention_triton`): one pass per tile of queries with an online
-  softmax in float32; the forward writes only the output and the per-query logsumexp, the
-  backward recomputes the probabilities from the logsumexp and scatters the key/value
-  gradients with float32 atomics (summation order, hence the last bits, is not deterministic;
-  under ``torch.use_deterministic_algorithms(True)`` the backward runs the twin's formulas).
-  Used for float32/float16/bfloat16 CUDA tensors, and for CPU tensors when
-  ``TRITON_INTERPRET=1`` (Triton's interpreter; this is how CI tests the kernels).
-- The PyTorch twin (this module), built on the gather primitives of :mod:`clusten.reference`:
-  the CPU path, the float64 path, the fallback when Triton is missing or
-  ``CLUSTEN_BACKEND=torch``, and the reference the kernels are tested against. Its backward
-  uses the same formulas as the kernel.
+- the op's own body, for CPU tensors and every other device: the reference chain
+  (:func:`clusten.cluster_attention_reference`) in the accumulation dtype, plus the logsumexp
+  the backward needs; the backward formulas below, in PyTorch;
+- Triton (:mod:`clusten.attention_triton`), registered for CUDA tensors (and for CPU tensors
+  under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests the kernels): one
+  pass per tile of queries with an online softmax in float32; the forward writes only the
+  output and the per-query logsumexp, the backward recomputes the probabilities from the
+  logsumexp and scatters the key/value gradients with float32 atomics (summation order, hence
+  the last bits, is not deterministic; under ``torch.use_deterministic_algorithms(True)`` the
+  backward runs the PyTorch formulas). float64 inputs, and the ``torch`` backend
+  (:mod:`clusten.backends`), run the PyTorch path on every device.
 
 float16/bfloat16 inputs accumulate in float32. Inputs may mix dtypes (e.g. bfloat16 q/k/v under
 autocast with float32 ``blank_k``); the output has ``query``'s dtype and every gradient its
@@ -31,10 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import build, reference
-from .validation import check
+from . import backends, reference
+from .ops import _attention_scores, _check_attention, attention_logits
 
-MASK_LOGIT = -100.0  # added to the logit of a padded neighbour slot, as in the original
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -54,42 +53,30 @@ def cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
         ``b x h x n x c`` in query's dtype. Its memory is laid out as ``b x n x h x c``, so
         merging the heads (``out.transpose(1, 2).reshape(b, n, h * c)``) needs no copy.
     """
-    _check(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
+    # index values are range-checked where it costs no device sync (CPU tensors)
+    index_kind = "index:n_" if nbhd_idx.device.type == "cpu" else "shape"
+    _check_attention("cluster_attention", query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, index_kind)
     out, _ = torch.ops.clusten.cluster_attention_fwd(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
     return out
 
 
-def cluster_attention_reference(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
-    """The PyTorch twin of :func:`cluster_attention` with plain autograd (same arguments)."""
-    _check(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
-    return _twin_forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)[0].to(query.dtype)
-
-
-def _check(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
-    # Index values are range-checked where it costs no device sync (CPU tensors).
-    index_kind = "index:n_" if nbhd_idx.device.type == "cpu" else "shape"
-    args = [("query", query, "b h n c", "float"), ("key", key, "b h n_ c", "float"),
-            ("value", value, "b h n_ c", "float"), ("nbhd_idx", nbhd_idx, "b n m", index_kind),
-            ("bias", bias, "b h n m", "float"), ("blank_k", blank_k, "h c", "float"),
-            ("blank_v", blank_v, "h c", "float")]
-    if mask is not None:
-        args.append(("mask", mask, "b n m", "shape"))
-    check("cluster_attention", args)
-    if nbhd_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cluster_attention: nbhd_idx must be int32 or int64, got {nbhd_idx.dtype}")
+# Triton reads TRITON_INTERPRET when it is imported; so does this module, once.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_DEVICES = ("cuda", "cpu") if INTERPRETING else ("cuda",)
 
 
 def use_triton(tensor):
-    """True when the op runs the Triton kernels for tensors like ``tensor``."""
-    if tensor.dtype not in TRITON_DTYPES or build.backend() == "torch":
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    if tensor.device.type != "cuda":
+    """True when the op runs the Triton kernels for tensors like ``tensor`` (on a kernel device).
+
+    float64 always runs the PyTorch path, and so does every dtype under the ``torch`` backend;
+    a missing Triton falls back to it under ``auto`` and raises under ``cuda``.
+    """
+    if tensor.dtype not in TRITON_DTYPES or backends.get_backend() == "torch":
         return False
     try:
         import triton  # noqa: F401
-    except ImportError:
+    except ImportError as err:
+        backends.refuse_or_fall_back("the Triton attention kernels", f"{type(err).__name__}: {err}")
         return False
     return True
 
@@ -106,35 +93,21 @@ def new_output(query):
     return query.new_empty(b, n, h, c).permute(0, 2, 1, 3)
 
 
-# ---------------------------------------------------------------------------- PyTorch twin
+# ---------------------------------------------------------------------------- PyTorch path
 
 
-def _logits(q, key, nbhd_idx, bias, mask, blank_k):
-    """Neighbour logits ``b x h x n x m`` and blank logits ``b x h x n`` from float32/64 ``q``."""
-    b, h, n, c = q.shape
-    g, n_src, m = b * h, key.shape[2], nbhd_idx.shape[-1]
-    logits = reference.gather_dot(q.reshape(g, n, 1, c), key.to(q.dtype).reshape(g, n_src, c), nbhd_idx.long())
-    logits = logits.view(b, h, n, m) + bias.to(q.dtype)
-    if mask is not None:
-        logits = logits + (1 - mask.to(q.dtype)).unsqueeze(1) * MASK_LOGIT
-    blank = (q * blank_k.to(q.dtype).view(1, h, 1, c)).sum(-1)
-    return logits, blank
+def reference_forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
+    """The reference chain in the accumulation dtype: (output ``b x h x n x c`` in that dtype,
+    logsumexp ``b x h x n``, float32 or float64), what the PyTorch path of the op returns.
+    Autocast is off inside: the op computes in the accumulation dtype whatever the region."""
+    acc = reference.accumulate_dtype(query.dtype)
+    with torch.autocast(query.device.type, enabled=False):
+        out, scores = _attention_scores(query.to(acc), key.to(acc), value.to(acc), nbhd_idx, bias.to(acc), mask,
+                                        blank_k.to(acc), blank_v.to(acc), dropout_p=0.0)
+    return out, torch.logsumexp(scores, dim=-1)
 
 
-def _twin_forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
-    """Output ``b x h x n x c`` (accumulation dtype) and logsumexp ``b x h x n`` (float32/64)."""
-    b, h, n, c = query.shape
-    q = query.to(reference.accumulate_dtype(query.dtype))
-    logits, blank = _logits(q, key, nbhd_idx, bias, mask, blank_k)
-    lse = torch.logsumexp(torch.cat([logits, blank.unsqueeze(-1)], -1), -1)
-    p = torch.exp(logits - lse.unsqueeze(-1))
-    g, n_src, m = b * h, value.shape[2], nbhd_idx.shape[-1]
-    out = reference.gather_sum(p.reshape(g, n, m, 1), value.to(q.dtype).reshape(g, n_src, c), nbhd_idx.long())
-    out = out.view(b, h, n, c) + torch.exp(blank - lse).unsqueeze(-1) * blank_v.to(q.dtype).view(1, h, 1, c)
-    return out, lse
-
-
-def _twin_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse):
+def reference_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse):
     """Gradients (query, key, value, bias, blank_k, blank_v) from the saved output and logsumexp.
 
     With p the probabilities, dP_ij = dO_i . v[idx_ij] and D_i = dO_i . O_i:
@@ -147,10 +120,11 @@ def _twin_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, b
     idx = nbhd_idx.long()
     q, k, v = query.to(acc), key.to(acc), value.to(acc)
     d_out = grad_out.to(acc)
-    logits, blank = _logits(q, k, idx, bias, mask, blank_k)
+    with torch.autocast(query.device.type, enabled=False):
+        logits, blank = attention_logits(q, k, idx, bias, mask, blank_k)
     lse = lse.to(acc)
     p = torch.exp(logits - lse.unsqueeze(-1))
-    p_blank = torch.exp(blank - lse)
+    p_blank = torch.exp(blank.squeeze(-1) - lse)
     delta = (d_out * out.to(acc)).sum(-1)
     d_p = reference.gather_dot(d_out.reshape(g, n, 1, c), v.reshape(g, n_src, c), idx).view(b, h, n, m)
     d_s = p * (d_p - delta.unsqueeze(-1))
@@ -171,12 +145,21 @@ def _twin_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, b
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, nbhd_idx: Tensor, bias: Tensor, mask: Optional[Tensor],
                 blank_k: Tensor, blank_v: Tensor) -> tuple[Tensor, Tensor]:
     """(output ``b x h x n x c``, logsumexp ``b x h x n`` float32/64) of the fused attention."""
-    if use_triton(query):
-        return _kernels().forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
-    out, lse = _twin_forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
+    return _forward_pytorch(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
+
+
+def _forward_pytorch(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
+    out, lse = reference_forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
     result = new_output(query)
     result.copy_(out)
     return result, lse.float() if query.dtype != torch.float64 else lse
+
+
+@_forward_op.register_kernel(KERNEL_DEVICES)
+def _(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
+    if not use_triton(query):
+        return _forward_pytorch(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
+    return _kernels().forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
 
 
 @_forward_op.register_fake
@@ -190,11 +173,20 @@ def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, nb
                  mask: Optional[Tensor], blank_k: Tensor, blank_v: Tensor, out: Tensor,
                  lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (query, key, value, bias, blank_k, blank_v), each in its input's dtype."""
-    if use_triton(query) and not torch.are_deterministic_algorithms_enabled():
-        return _kernels().backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
-    grads = _twin_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
+    return _backward_pytorch(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
+
+
+def _backward_pytorch(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse):
+    grads = reference_backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
     inputs = (query, key, value, bias, blank_k, blank_v)
     return tuple(grad.to(x.dtype).contiguous() for grad, x in zip(grads, inputs))
+
+
+@_backward_op.register_kernel(KERNEL_DEVICES)
+def _(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse):
+    if not use_triton(query) or torch.are_deterministic_algorithms_enabled():
+        return _backward_pytorch(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
+    return _kernels().backward(grad_out, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, out, lse)
 
 
 @_backward_op.register_fake

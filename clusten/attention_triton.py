@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import MASK_LOGIT, new_output
+from .ops import MASK_LOGIT
 
 _MASK_LOGIT = tl.constexpr(MASK_LOGIT)
 
@@ -176,7 +176,7 @@ def forward(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
     """(output ``b x h x n x c``, logsumexp ``b x h x n`` float32)."""
     b, h, n, c = query.shape
     m = nbhd_idx.shape[-1]
-    out = new_output(query)
+    out = query.new_empty(b, n, h, c).permute(0, 2, 1, 3)  # stored heads-last, as clusten.attention.new_output
     lse = torch.empty(b, h, n, dtype=torch.float32, device=query.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, nbhd_idx)
     grid = (triton.cdiv(n, FORWARD_CONFIG["BLOCK_Q"]), b * h)

@@ -10,7 +10,9 @@ Examples::
 Config overrides are ``KEY VALUE`` pairs at the end (``--opts KEY VALUE ...`` is the same).
 Where results go (one rule for images, tokens and video): ``--output`` names a folder when it
 is one already, ends with ``/``, has no file extension, or several images are given; each
-result is then ``<folder>/<input name>`` (a video or the webcam: ``<folder>/<name>.mp4``).
+result is then ``<folder>/<input name>`` (a video or the webcam: ``<folder>/<name>.mp4``);
+inputs of the same name keep their folders (``a/same.jpg``, ``b/same.jpg`` ->
+``<folder>/a/same.jpg``, ``<folder>/b/same.jpg``), so no result overwrites another.
 Otherwise ``--output`` is the file itself.  Every run ends with a line naming what it wrote.
 Without ``--output`` results are shown in a window, which needs an OpenCV built with GUI
 support (``pip install .[gui]``; the default install is headless).
@@ -20,7 +22,10 @@ tokens adaptive downsampling kept (``<name>_tokens_res2.png`` ...) and a
 ``<name>_tokens.json`` with the token counts.  ``--blur DIR`` draws each prediction on the
 image of the same name in DIR (e.g. a face-blurred copy); it applies to image inputs only.
 Without a GPU the model runs on the CPU.  Unreadable inputs are reported and skipped; the
-exit status is 1 when any input was skipped.
+exit status is 1 when any input was skipped.  A name with glob characters (``photo[1].jpg``)
+is a file when one of that name exists, else a pattern.  Single-channel 16-bit images are
+scaled to 8 bits (65535 -> 255), float images (TIFF) in [0, 1] or [0, 255] likewise; other
+float ranges are refused.
 """
 import argparse
 import glob
@@ -34,10 +39,12 @@ import time
 import cv2
 import numpy as np
 import tqdm
+from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402,F401  (compat fixes before detectron2)
+from aff_seg.checkpoint import CheckpointMismatchError  # noqa: E402
 from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -152,6 +159,12 @@ def parse_args(argv=None):
 # -- inputs -------------------------------------------------------------------------------
 
 
+def is_pattern(arg):
+    """Whether ``arg`` is a glob pattern: it has glob characters and no file has that literal
+    name (so ``photo[1].jpg`` is a file when it exists)."""
+    return glob.has_magic(arg) and not os.path.exists(os.path.expanduser(arg))
+
+
 def expand_inputs(patterns):
     """Files named by ``patterns`` (literal paths or globs), in order, without duplicates.
 
@@ -161,21 +174,48 @@ def expand_inputs(patterns):
     paths, errors = [], []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = sorted(glob.glob(pattern)) if is_pattern(pattern) else [pattern]
         if not matches:
             errors.append(f"no file matches {pattern}")
         paths.extend(m for m in matches if m not in paths)
     return paths, errors
 
 
+def to_uint8(array, path):
+    """A 16-bit or 32-bit integer or float image (PIL modes I;16, I, F) as uint8.
+
+    Integers are 16-bit values scaled to 0-255 (65535 -> 255); floats in [0, 1] are scaled by
+    255 and floats in [0, 255] kept. Anything else raises ``InputError`` naming ``path``.
+    """
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"cannot read image {path}: it has non-finite (NaN or inf) pixels")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0 and high <= 1:
+            return np.round(array * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.round(array).astype(np.uint8)
+        raise InputError(f"cannot read image {path}: float pixels in [{low:g}, {high:g}], expected [0, 1] or [0, 255]")
+    if array.min() < 0 or array.max() > 65535:
+        raise InputError(f"cannot read image {path}: integer pixels outside the 16-bit range")
+    return np.round(array.astype(np.float64) / 257).astype(np.uint8)
+
+
 def load_image(path):
-    """Read ``path`` as a BGR uint8 image; ``InputError`` naming the path if it cannot."""
+    """Read ``path`` as a BGR uint8 image; ``InputError`` naming the path if it cannot.
+    Single-channel 16-bit and float images (e.g. TIFF) are converted by ``to_uint8``."""
     if not os.path.isfile(path):
         raise InputError(f"cannot read image {path}: no such file")
     if os.path.getsize(path) == 0:
         raise InputError(f"cannot read image {path}: the file is empty")
     try:
-        image = read_image(path, format="BGR")
+        with Image.open(path) as pil:
+            deep = pil.mode in ("I", "F") or pil.mode.startswith("I;16")
+            if deep:
+                gray = to_uint8(np.asarray(ImageOps.exif_transpose(pil)), path)
+        image = np.repeat(gray[:, :, None], 3, axis=2) if deep else read_image(path, format="BGR")
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"cannot read image {path}: {e}") from e
     if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
@@ -186,7 +226,7 @@ def load_image(path):
 def is_folder(output, args):
     """Whether ``--output`` names a folder (module docstring): it is one, ends with a path
     separator, has no extension, or several images are given."""
-    many = bool(args.input) and (len(args.input) > 1 or glob.has_magic(args.input[0]))
+    many = bool(args.input) and (len(args.input) > 1 or is_pattern(args.input[0]))
     return many or os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]
 
 
@@ -204,6 +244,26 @@ def image_result_name(input_path):
     """``<input name>``, as ``.png`` when its extension is not one OpenCV writes."""
     stem, ext = os.path.splitext(os.path.basename(input_path))
     return stem + (ext if ext.lower() in IMAGE_EXTENSIONS else ".png")
+
+
+def result_names(paths):
+    """The result name of each input (``image_result_name``), unique: inputs whose names
+    clash keep their folders relative to the clashing inputs' common folder
+    (``a/same.jpg`` and ``b/same.jpg`` -> ``a/same.jpg``, ``b/same.jpg``) and their own
+    extension (``x.gif`` beside ``x.png`` -> ``x.gif.png``)."""
+    names = [image_result_name(p) for p in paths]
+    unique = list(names)
+    for name in set(names):
+        clashing = [i for i, n in enumerate(names) if n == name]
+        if len(clashing) < 2:
+            continue
+        folders = {i: os.path.dirname(os.path.abspath(paths[i])) for i in clashing}
+        common = os.path.commonpath(list(folders.values()))
+        for i in clashing:
+            own = os.path.basename(paths[i])
+            own += "" if own.lower().endswith(IMAGE_EXTENSIONS) else ".png"
+            unique[i] = os.path.normpath(os.path.join(os.path.relpath(folders[i], common), own))
+    return unique
 
 
 def save_tokens(out_filename, image, tokens):
@@ -247,6 +307,7 @@ def run_images(demo, args):
         single image, else the folder; None when shown in a window).
     """
     paths, errors = expand_inputs(args.input)
+    names = dict(zip(paths, result_names(paths)))
     folder = bool(args.output) and (len(paths) > 1 or is_folder(args.output, args))
     written = None
     if args.show_tokens and not args.output:
@@ -271,7 +332,7 @@ def run_images(demo, args):
             )
         )
         if args.output:
-            out_filename = output_path(args.output, folder, image_result_name(path))
+            out_filename = output_path(args.output, folder, names[path])
             vis_output.save(out_filename)
             written = out_filename if len(paths) == 1 else args.output
             if tokens is not None:
@@ -354,7 +415,7 @@ def main(argv=None):
         if errors:
             logger.error(f"{len(errors)} input(s) skipped:\n  " + "\n  ".join(errors))
             return 1
-    except (InputError, ConfigError, FileNotFoundError) as e:
+    except (InputError, ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
     return 0

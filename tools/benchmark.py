@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from analyze_model import build_loaded_model, fixed_size_inputs, setup_cfg  # noqa: E402
 from aff_seg.data.dataset_mappers import build_train_mapper  # noqa: E402
-from clusten import knn_search  # noqa: E402
+import clusten  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -415,7 +415,7 @@ def main(argv=None):
         return result
     if args.original_execution:
         opts += ORIGINAL_EXECUTION_OPTS
-        os.environ[knn_search.SEARCH_ENV] = "brute_force"
+        clusten.set_knn_method("brute_force")
     cfg = setup_cfg(args.config_file, opts)
     result = run(
         cfg,

@@ -93,6 +93,8 @@ def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypa
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
     assert clusten.knn(query[:, :5], database[:, :10], 4).shape == (2, 5, 4)  # small: brute force
     assert len(calls) == 1
-    monkeypatch.setenv(knn_search.SEARCH_ENV, "brute_force")
-    assert torch.equal(clusten.knn(query, database, 4), ref_idx)
-    assert len(calls) == 1
+    with clusten.knn_method("brute_force"):
+        assert torch.equal(clusten.knn(query, database, 4), ref_idx)
+    assert len(calls) == 1 and clusten.get_knn_method() == "auto"
+    with pytest.raises(ValueError, match="CLUSTEN_KNN='grid': expected one of auto, brute_force"):
+        knn_search._validated_method("grid", knn_search.SEARCH_ENV)

@@ -53,7 +53,7 @@ def test_config_is_safe_yaml_and_merges(path):
     assert cfg.INPUT.DATASET_MAPPER_NAME in TRAIN_MAPPERS
     assert all(isinstance(s, int) for s in cfg.INPUT.MIN_SIZE_TRAIN)
     name = os.path.basename(path)
-    if "aff" in name or ("synthetic" in path and not any(s in name for s in ("grid", "segformer", "boostformer"))):
+    if "aff" in name or ("synthetic" in path and not any(s in name for s in ("grid", "segformer", "boostformer", "focal"))):
         assert cfg.MODEL.BACKBONE.NAME == "AutoFocusFormer"
         assert all(d % h == 0 for d, h in zip(cfg.MODEL.AFF.EMBED_DIM, cfg.MODEL.AFF.NUM_HEADS))
 

@@ -56,3 +56,4 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     with torch.no_grad():
         (result,) = model([{"image": image, "height": 32, "width": 32}])
     assert result["sem_seg"].shape == (150, 32, 32)
+

@@ -22,6 +22,8 @@ class Toy(nn.Module):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
         self.backbone.blank_k = nn.Parameter(torch.randn(4))  # AFF-style free parameter
+        self.backbone_attn = nn.Module()  # Focal-style bias table (a ParameterList entry)
+        self.backbone_attn.relative_position_bias_table_to_windows = nn.ParameterList([nn.Parameter(torch.zeros(2, 9))])
         self.embed = nn.Embedding(3, 4)
         self.head = nn.Linear(4, 2)
 
@@ -42,6 +44,8 @@ def test_backbone_multiplier_and_weight_decay_rules():
     assert hyperparams_of(optimizer, model.backbone[1].weight) == pytest.approx((0.001, 0.0))  # norm
     assert hyperparams_of(optimizer, model.backbone.blank_k) == pytest.approx((0.001, 0.05))
     assert hyperparams_of(optimizer, model.embed.weight) == pytest.approx((0.01, 0.0))  # embedding
+    table = model.backbone_attn.relative_position_bias_table_to_windows[0]
+    assert hyperparams_of(optimizer, table) == pytest.approx((0.001, 0.0))  # position bias (Swin, Focal)
     assert hyperparams_of(optimizer, model.head.bias) == pytest.approx((0.01, 0.05))
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 

@@ -32,9 +32,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import DropPath, Mlp
+from .resnet_tokens import MapsAsTokens
 
 __all__ = [
     "D2FocalTransformer",
+    "D2FocalTransformerTokens",
     "FocalTransformer",
     "FocalAttention",
     "FocalTransformerBlock",
@@ -509,3 +511,9 @@ class D2FocalTransformer(FocalTransformer, Backbone):
             f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
             for f in self._out_features
         }
+
+
+@BACKBONE_REGISTRY.register()
+class D2FocalTransformerTokens(MapsAsTokens, D2FocalTransformer):
+    """``D2FocalTransformer`` (same config, parameters and checkpoints) with its maps handed on
+    as grid tokens with positions, for the point-cloud pixel and transformer decoders."""

@@ -1,5 +1,6 @@
-"""The R50 baseline as a token backbone: detectron2's ResNet, its grid features handed on as
-tokens with positions, in the AFF backbone's output format.
+"""Dense-map backbones as token backbones: ``grid_tokens`` (a map as tokens with positions),
+``MapsAsTokens`` (a mixin that hands a dense-map backbone's outputs on in the AFF backbone's
+output format) and the R50 baseline ``D2ResNetTokens`` (detectron2's ResNet through it).
 
 So the point-cloud pixel decoder and transformer decoder can run on grid tokens and adaptive
 (AFF) tokens alike, and the two can be compared in one harness.
@@ -8,7 +9,7 @@ import torch
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-__all__ = ["D2ResNetTokens", "grid_tokens"]
+__all__ = ["D2ResNetTokens", "MapsAsTokens", "grid_tokens"]
 
 _GRID_STRIDE = 4  # positions are in units of the stride-4 grid (aff-reference, coordinate convention)
 
@@ -34,16 +35,39 @@ def grid_tokens(feature, stride):
     return feature.flatten(2).transpose(1, 2), pos.expand(b, -1, -1)
 
 
-@BACKBONE_REGISTRY.register()
-class D2ResNetTokens(Backbone):
-    """detectron2's ResNet (``MODEL.RESNETS.*``); each output ``res{i}`` becomes tokens
-    ``b x n_i x C_i`` with ``res{i}_pos`` (``b x n_i x 2``) and ``res{i}_spatial_shape`` (the
-    stride-4 grid's (h, w), the same for every level), as the AFF backbone returns them.
+class MapsAsTokens:
+    """Mixin for a detectron2 ``Backbone`` with dense outputs ``res{i}`` (``b x C_i x h_i x w_i``,
+    strides in ``_out_feature_strides``): ``forward`` returns each as tokens ``b x n_i x C_i``
+    with ``res{i}_pos`` (``b x n_i x 2``) and ``res{i}_spatial_shape`` (the stride-4 grid's
+    (h, w), the same for every level), as the AFF backbone returns them.
 
-    The input must be padded to a multiple of 32 (``MASK_FORMER.SIZE_DIVISIBILITY``).
+    The maps come from ``dense_maps(x)``: by default the ``forward`` of the backbone class listed
+    after this mixin (``class Tokens(MapsAsTokens, SomeMapBackbone)``, same parameters and names).
     """
 
     output_format = "tokens"  # the heads take their point-cloud variants (aff_seg.modeling.variants)
+
+    def dense_maps(self, x):
+        """x: ``b x 3 x H x W`` -> ``{res{i}: b x C_i x h_i x w_i}``."""
+        return super().forward(x)
+
+    def forward(self, x):
+        """x: ``b x 3 x H x W`` -> dict of tokens, positions and grid shape per level."""
+        grid_shape = (-(-x.shape[-2] // _GRID_STRIDE), -(-x.shape[-1] // _GRID_STRIDE))
+        out = {}
+        for name, feature in self.dense_maps(x).items():
+            tokens, pos = grid_tokens(feature, self._out_feature_strides[name])
+            out[name] = tokens
+            out[f"{name}_pos"] = pos
+            out[f"{name}_spatial_shape"] = grid_shape
+        return out
+
+
+@BACKBONE_REGISTRY.register()
+class D2ResNetTokens(MapsAsTokens, Backbone):
+    """detectron2's ResNet (``MODEL.RESNETS.*``, under ``.resnet``) with its outputs as tokens
+    (``MapsAsTokens``). The input must be padded to a multiple of 32 (``MASK_FORMER.SIZE_DIVISIBILITY``).
+    """
 
     def __init__(self, cfg, input_shape):
         super().__init__()
@@ -56,16 +80,8 @@ class D2ResNetTokens(Backbone):
     def size_divisibility(self):
         return 32
 
-    def forward(self, x):
-        """x: ``b x 3 x H x W`` -> dict of tokens, positions and grid shape per level."""
-        grid_shape = (-(-x.shape[-2] // _GRID_STRIDE), -(-x.shape[-1] // _GRID_STRIDE))
-        out = {}
-        for name, feature in self.resnet(x).items():
-            tokens, pos = grid_tokens(feature, self._out_feature_strides[name])
-            out[name] = tokens
-            out[f"{name}_pos"] = pos
-            out[f"{name}_spatial_shape"] = grid_shape
-        return out
+    def dense_maps(self, x):
+        return self.resnet(x)
 
     def output_shape(self):
         return {

@@ -180,7 +180,11 @@ class MaskFormer(nn.Module):
 
     def preprocess_image(self, batched_inputs):
         """Check the inputs (``check_batched_inputs``), normalise the images in float32 and pad them
-        into an ImageList (zeros, i.e. the mean colour, right and bottom)."""
+        into an ImageList (zeros, i.e. the mean colour, right and bottom).
+
+        The padding has no mask: the backbone tokenises it like image content, so the result of
+        an image batched with larger ones differs from its result alone (docs/safety.md).
+        """
         check_batched_inputs(batched_inputs, self.pixel_mean.shape[0], type(self).__name__)
         images = [(x["image"].to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
@@ -203,6 +207,8 @@ class MaskFormer(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
+                target["file_name"] = x.get("file_name")
             losses = self.criterion(outputs, targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 

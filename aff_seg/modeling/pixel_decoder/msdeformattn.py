@@ -31,6 +31,7 @@ __all__ = [
     "MSDeformAttnTransformerEncoderLayer",
     "MSDeformAttnTransformerEncoderOnly",
     "MSDeformAttnPixelDecoder",
+    "reset_encoder_parameters",
 ]
 
 
@@ -91,6 +92,18 @@ class MSDeformAttn(nn.Module):
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = clusten.ms_deform_attn(value, spatial_shapes, locations, weights)
         return self.output_proj(out)
+
+
+def reset_encoder_parameters(encoder):
+    """Deformable DETR's encoder init (grid and point-cloud encoders): Xavier for every matrix,
+    then each ``MSDeformAttn``'s own init, and ``encoder.level_embed`` ~ N(0, 1)."""
+    for p in encoder.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in encoder.modules():
+        if isinstance(m, MSDeformAttn):
+            m._reset_parameters()
+    nn.init.normal_(encoder.level_embed)
 
 
 class MSDeformAttnTransformerEncoderLayer(nn.Module):
@@ -155,13 +168,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             num_encoder_layers,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
+        reset_encoder_parameters(self)
 
     def forward(self, srcs, pos_embeds):
         """srcs, pos_embeds: lists over levels of ``b x c x h_l x w_l`` -> (``b x s x c``, the

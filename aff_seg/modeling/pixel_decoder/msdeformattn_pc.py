@@ -29,6 +29,7 @@ import clusten
 from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
 from ..variants import resolve_variant
+from .msdeformattn import MSDeformAttn, reset_encoder_parameters
 
 __all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc", "grid_positions"]
 
@@ -64,8 +65,9 @@ def grid_positions(h, w, batch, device):
     return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
 
 
-class MSDeformAttnPc(nn.Module):
-    """Multi-scale deformable attention on point clouds (``MSDeformAttnPc`` of the original).
+class MSDeformAttnPc(MSDeformAttn):
+    """Multi-scale deformable attention on point clouds (``MSDeformAttnPc`` of the original): the
+    modules and init of the grid ``MSDeformAttn`` plus the Shepard power.
 
     Each query token samples ``n_points`` locations per head and level at
     ``its position + offset`` (stride-4 grid units at every level).  A location's value is the
@@ -76,38 +78,11 @@ class MSDeformAttnPc(nn.Module):
 
     def __init__(self, d_model=256, n_levels=3, n_heads=8, n_points=4, shepard_power=3.0,
                  shepard_power_learnable=True):
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        super().__init__(d_model, n_levels, n_heads, n_points)
         if shepard_power_learnable:
             self.shepard_power = nn.Parameter(torch.full((1,), float(shepard_power)))
         else:  # a plain number: no state_dict entry (the COCO checkpoints have none)
             self.shepard_power = float(shepard_power)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        direction = torch.stack([thetas.cos(), thetas.sin()], -1)
-        direction = direction / direction.abs().max(-1, keepdim=True)[0]  # onto the unit square
-        grid = direction.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.constant_(self.value_proj.bias, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.constant_(self.output_proj.bias, 0.0)
 
     @staticmethod
     def _sampling_neighbours(loc, level_pos, level_nb_idx, grid_hw, power):
@@ -242,13 +217,7 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
             num_encoder_layers,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttnPc):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
+        reset_encoder_parameters(self)
 
     def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
         pos_embeds = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)]

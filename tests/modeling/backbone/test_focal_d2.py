@@ -12,7 +12,7 @@ import aff_seg  # noqa: F401  (compat fixes before detectron2)
 from aff_seg import add_maskformer2_config
 from detectron2.config import get_cfg
 from detectron2.modeling import ShapeSpec, build_backbone
-from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError
 from aff_seg.modeling.backbone import FocalTransformer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -103,8 +103,10 @@ def test_checkpoint_of_another_size_names_the_mismatches(tmp_path, caplog):
     torch.save(classification_state_dict(embed_dim=32, num_heads=(2, 2, 4, 4)), tmp_path / "other.pth")
     model = Segmenter()
     before = model.backbone.layers[0].blocks[0].attn.qkv.weight.clone()
+    with pytest.raises(CheckpointMismatchError, match=r"qkv.weight +\| shape differs \(not loaded\) +\| \(96, 32\)"):
+        AFFCheckpointer(model).load(str(tmp_path / "other.pth"))  # strict by default
     with caplog.at_level(logging.INFO):
-        AFFCheckpointer(model).load(str(tmp_path / "other.pth"))
+        AFFCheckpointer(model, strict=False).load(str(tmp_path / "other.pth"))
     warning = " ".join(r.getMessage() for r in caplog.records if "does not fit" in r.getMessage())
     assert "layers.0.blocks.0.attn.qkv.weight (96, 32) in the file, (48, 16) in the model" in warning
     assert "layers.0.blocks.0.attn.relative_position_bias_table (169, 2) in the file, (169, 1) in the model" in warning
@@ -126,3 +128,19 @@ def test_converter_writes_prefixed_weights_without_heuristics(tmp_path, capsys):
     torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a Focal Transformer classification checkpoint"):
         convert.convert(str(tmp_path / "other.pth"), str(tmp_path / "other.pkl"))
+
+
+def test_tokens_variant_has_the_same_weights_and_gives_grid_tokens():
+    cfg = focal_cfg()
+    maps = build_backbone(cfg).eval()
+    cfg.MODEL.BACKBONE.NAME = "D2FocalTransformerTokens"
+    tokens = build_backbone(cfg).eval()
+    assert tokens.output_format == "tokens" and tokens.output_shape() == maps.output_shape()
+    tokens.load_state_dict(maps.state_dict())  # same keys: one checkpoint for both
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        dense, out = maps(x), tokens(x)
+    for name, feature in dense.items():
+        assert torch.equal(out[name], feature.flatten(2).transpose(1, 2)), name
+        assert out[f"{name}_spatial_shape"] == (16, 24)
+    assert out["res5_pos"][0, :3].tolist() == [[3.5, 3.5], [11.5, 3.5], [19.5, 3.5]]  # stride-32 cell centres

@@ -1,6 +1,5 @@
 """Grid Mask2Former (upstream's pixel decoder and decoder on dense maps): parameter counts,
 upstream checkpoint keys, the grid / point-cloud choice, training and inference per task."""
-import logging
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from heads_helpers import instances_from_masks, load_cfg  # noqa: I100  (registe
 
 from detectron2.modeling import build_model
 
-from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError
 from aff_seg.modeling.pixel_decoder import MSDeformAttnPixelDecoder, MSDeformAttnPixelDecoderPc
 from aff_seg.modeling.transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
@@ -143,21 +142,22 @@ def test_upstream_r50_state_dict_loads_strictly(r50_grid):
     assert torch.equal(model.state_dict()[key], state[key])
 
 
-def test_point_cloud_checkpoint_report_names_what_did_not_match(r50_grid, tmp_path, caplog):
+def test_point_cloud_checkpoint_report_names_what_did_not_match(r50_grid, tmp_path):
     """A checkpoint of the other variant (R50 tokens on the point-cloud heads) loaded into the
-    grid model: detectron2's load report lists the keys that differ."""
+    grid model: strict loading refuses it with a table of the keys that differ."""
     torch.manual_seed(0)
     tokens = build_model(load_cfg(R50_TOKENS_ADE))
     assert type(tokens.sem_seg_head.pixel_decoder) is MSDeformAttnPixelDecoderPc
     assert type(tokens.sem_seg_head.predictor) is MultiScaleMaskedTransformerDecoderPc
     path = tmp_path / "tokens.pth"
     torch.save({"model": tokens.state_dict()}, path)
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(CheckpointMismatchError) as e:
         AFFCheckpointer(r50_grid).load(str(path))
-    report = caplog.text
+    report = str(e.value)
     pd = "sem_seg_head.pixel_decoder"
     # same names, other shapes (Linear vs 1x1 conv)
-    assert f"'{pd}.mask_features.weight'" in report and f"'{pd}.input_proj.0.0.weight'" in report
+    for name in (f"{pd}.mask_features.weight", f"{pd}.input_proj.0.0.weight"):
+        assert any(line.startswith(f"| {name} ") and "shape differs" in line for line in report.splitlines()), name
     # missing (the grid FPN convs) and unexpected (the point-cloud FPN, the Shepard powers)
     for name in (f"{pd}.adapter_1.norm", f"{pd}.layer_1.weight", f"{pd}.layer_1.norm",
                  f"{pd}.adapter_1.0", f"{pd}.layer_1.0", "shepard_power", "backbone.resnet.res5"):
@@ -187,6 +187,16 @@ def test_point_cloud_decoder_with_a_map_backbone_is_refused():
                    "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME", "MultiScaleMaskedTransformerDecoderPc")
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"):
         build_model(cfg)
+
+
+def test_grid_decoder_with_a_token_backbone_is_refused(monkeypatch):
+    """Outside the automatic choice (here: the name taken out of TOKEN_VARIANTS) a token backbone
+    cannot take a grid pixel decoder."""
+    from aff_seg.modeling import variants
+
+    monkeypatch.delitem(variants.TOKEN_VARIANTS, "MSDeformAttnPixelDecoder")
+    with pytest.raises(ValueError, match="PIXEL_DECODER_NAME='MSDeformAttnPixelDecoder' reads maps.*D2ResNetTokens"):
+        build_model(load_cfg(R50_TOKENS_ADE, *TINY_GRID))
 
 
 def test_size_divisibility_the_backbone_cannot_take_is_refused():
