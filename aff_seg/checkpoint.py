@@ -30,21 +30,15 @@ table of them is logged). Resuming a training run (model plus trainer state) is 
 Checkpoints saved by ``AFFCheckpointer`` carry a SHA-256 of their model tensors
 (``tensor_checksum``), verified when they are read.
 """
-<<<<<<< HEAD
 import glob
-=======
 import hashlib
->>>>>>> main
 import io
 import json
 import logging
 import os
 import pickle
-<<<<<<< HEAD
 import zipfile
-=======
 from dataclasses import dataclass, field
->>>>>>> main
 
 import numpy as np
 import torch
@@ -55,21 +49,17 @@ from tabulate import tabulate
 from .modeling.backbone import segformer_weights
 from .modeling.backbone.focal import FocalTransformer, focal_classification_state_dict
 
-<<<<<<< HEAD
-__all__ = ["load_weights_file", "split_classification_checkpoint", "AFFCheckpointer", "HF_WEIGHT_FILES",
-           "check_weights"]
-=======
 __all__ = [
     "AFFCheckpointer",
     "CheckpointMismatchError",
     "HF_WEIGHT_FILES",
     "LoadReport",
     "check_load",
+    "check_weights",
     "load_weights_file",
     "split_classification_checkpoint",
     "tensor_checksum",
 ]
->>>>>>> main
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +226,6 @@ class AFFCheckpointer(DetectionCheckpointer):
         self.strict = strict
         self._restoring = ()
 
-    def save(self, name, **kwargs):
-        super().save(name, **{CHECKSUM_KEY: tensor_checksum(self.model.state_dict())}, **kwargs)
-
     def load(self, path, checkpointables=None):
         if path and os.path.isdir(path):  # a HuggingFace save_pretrained directory
             found = [os.path.join(path, name) for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
@@ -359,12 +346,14 @@ class AFFCheckpointer(DetectionCheckpointer):
     # -- writing and resuming ------------------------------------------------------------------
 
     def save(self, name, **kwargs):
-        """detectron2's ``save``, atomic: ``<name>.pth`` is written under a temporary name and
-        renamed when complete, then ``last_checkpoint`` is replaced the same way; a run killed
-        while saving leaves the previous checkpoint and ``last_checkpoint`` as they were."""
+        """detectron2's ``save`` plus the model tensors' checksum (``tensor_checksum``), atomic:
+        ``<name>.pth`` is written under a temporary name and renamed when complete, then
+        ``last_checkpoint`` is replaced the same way; a run killed while saving leaves the
+        previous checkpoint and ``last_checkpoint`` as they were."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        data[CHECKSUM_KEY] = tensor_checksum(data["model"])
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
