@@ -68,7 +68,7 @@ def test_config_is_safe_yaml_and_merges(path):
 
 
 def test_values_follow_the_original():
-    """Spot checks against reference section 8.2."""
+    """Spot checks against the original repository's configs."""
     ade = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/aff/maskformer2_aff_mini_1_5th_bs32_80k.yaml"))
     assert (ade.SOLVER.IMS_PER_BATCH, ade.SOLVER.BASE_LR, ade.SOLVER.MAX_ITER) == (32, 2e-4, 80000)
     assert ade.MODEL.AFF.DS_RATE == 0.2 and ade.MODEL.AFF.NUM_HEADS == [2, 4, 8, 16]
