@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from heads_helpers import load_cfg  # noqa: I100  (registers the fake backbone first)
-from test_grid_mask2former import TINY_GRID, count, toy_batch, upstream_r50_keys
+from .heads_helpers import load_cfg  # noqa: I100  (registers the fake backbone first)
+from .test_grid_mask2former import TINY_GRID, count, toy_batch, upstream_r50_keys
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_sem_seg_head
