@@ -18,9 +18,14 @@ inside site-packages; each fix is a no-op where the library already behaves.
 5. cityscapesscripts' instance evaluation writes its matches with ``json.dumps(default=lambda
    o: o.__dict__)``; with numpy 2 those hold numpy scalars, which have no ``__dict__``.  Its
    ``writeDict2JSON`` is replaced by one that also writes numpy scalars.
+6. detectron2's Cityscapes panoptic loader derives each image's ``labelTrainIds`` file by
+   cutting the whole path at its first dot, so any dataset root with a dot in it (``/home/j.doe``,
+   ``mktemp -d``) fails with "Please generate labelTrainIds.png".  The loader is replaced by one
+   that changes only the file name and the ``leftImg8bit`` folder.
 """
 import importlib.util
 import json
+import os
 import sys
 import types
 
@@ -112,6 +117,66 @@ def _fix_cityscapesscripts_json():
     instance_eval.writeDict2JSON = _write_dict_to_json  # bound there by a star import
 
 
+def _cityscapes_train_id_file(image_file):
+    """``<root>/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` ->
+    ``<root>/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png``."""
+    city_dir, name = os.path.split(image_file)
+    split_dir, city = os.path.split(city_dir)
+    images_dir, split = os.path.split(split_dir)
+    stem = name[: -len("_leftImg8bit.png")] if name.endswith("_leftImg8bit.png") else name.split(".")[0]
+    return os.path.join(os.path.dirname(images_dir), "gtFine", split, city, stem + "_gtFine_labelTrainIds.png")
+
+
+def _load_cityscapes_panoptic(image_dir, gt_dir, gt_json, meta):
+    """detectron2's ``load_cityscapes_panoptic`` with the ``labelTrainIds`` path derived from
+    the file name only (same records, same checks)."""
+    from detectron2.data.datasets import cityscapes_panoptic
+
+    if not os.path.exists(gt_json):
+        raise FileNotFoundError(
+            f"{gt_json} does not exist: run cityscapesscripts/preparation/createPanopticImgs.py"
+        )
+    with open(gt_json) as f:
+        json_info = json.load(f)
+    things = meta["thing_dataset_id_to_contiguous_id"]
+    stuff = meta["stuff_dataset_id_to_contiguous_id"]
+    records = []
+    for image_file, label_file, segments_info in cityscapes_panoptic.get_cityscapes_panoptic_files(
+        image_dir, gt_dir, json_info
+    ):
+        for segment in segments_info:
+            category = segment["category_id"]
+            segment["category_id"] = things[category] if category in things else stuff[category]
+        stem = os.path.splitext(os.path.basename(image_file))[0]
+        records.append(
+            {
+                "file_name": image_file,
+                "image_id": "_".join(stem.split("_")[:3]),
+                "sem_seg_file_name": _cityscapes_train_id_file(image_file),
+                "pan_seg_file_name": label_file,
+                "segments_info": segments_info,
+            }
+        )
+    if not records:
+        raise FileNotFoundError(f"no Cityscapes images found in {image_dir}")
+    for key, how in (
+        ("sem_seg_file_name", "cityscapesscripts/preparation/createTrainIdLabelImgs.py"),
+        ("pan_seg_file_name", "cityscapesscripts/preparation/createPanopticImgs.py"),
+    ):
+        if not os.path.isfile(records[0][key]):
+            raise FileNotFoundError(f"{records[0][key]} does not exist: run {how}")
+    return records
+
+
+def _fix_cityscapes_panoptic_paths():
+    try:
+        from detectron2.data.datasets import cityscapes_panoptic
+    except ImportError:
+        return
+    # register_cityscapes_panoptic looks the loader up in its module when a dataset is loaded
+    cityscapes_panoptic.load_cityscapes_panoptic = _load_cityscapes_panoptic
+
+
 def apply():
     """Apply every fix (idempotent).  The export fix imports detectron2 modules: it goes last."""
     _fix_pillow()
@@ -119,3 +184,4 @@ def apply():
     _fix_detectron2_c()
     _fix_detectron2_export()
     _fix_cityscapesscripts_json()
+    _fix_cityscapes_panoptic_paths()

@@ -2,11 +2,14 @@
 
 * ``build_optimizer``: SGD or AdamW; the backbone's learning rate is scaled by
   ``BACKBONE_MULTIPLIER``; norm layers get ``WEIGHT_DECAY_NORM`` and embeddings
-  ``WEIGHT_DECAY_EMBED`` (0 in every shipped config); everything else, the AFF blank tokens,
+  ``WEIGHT_DECAY_EMBED`` (0 in every shipped config), as do relative position bias tables and
+  absolute position embeddings (parameter names with ``POSITION_EMBED_NAMES``, as Mask2Former
+  treats Swin's; Focal's three bias tables included); everything else, the AFF blank tokens,
   Shepard powers and position-embedding linears included, gets ``WEIGHT_DECAY``.
   ``CLIP_GRADIENTS`` with ``CLIP_TYPE: full_model`` clips the L2 norm of all gradients together
   (detectron2 itself clips per parameter only); other clip types go to detectron2.
-* ``build_lr_scheduler``: ``WarmupPolyLR`` (DeepLab project) or detectron2's multistep/cosine.
+* ``build_lr_scheduler``: ``WarmupPolyLR`` (the DeepLab project's, whose length always follows
+  ``SOLVER.MAX_ITER``, see ``WarmupPolyLR``) or detectron2's multistep/cosine.
 * ``MixedPrecisionTrainer``: detectron2's training step under ``torch.autocast`` with the
   dtype of ``SOLVER.AMP.PRECISION`` (bfloat16 or float16) on any device; a gradient scaler is
   used for float16 only (bfloat16 has float32's exponent range).
@@ -16,6 +19,7 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.projects.deeplab import build_lr_scheduler as _build_deeplab_lr_scheduler
+from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR as _DeepLabWarmupPolyLR
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "build_optimizer",
     "build_lr_scheduler",
     "MixedPrecisionTrainer",
+    "WarmupPolyLR",
 ]
 
 NORM_MODULE_TYPES = (
@@ -34,6 +39,9 @@ NORM_MODULE_TYPES = (
     torch.nn.LocalResponseNorm,
 )
 
+# parameters (by name) that decay like embeddings
+POSITION_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
 # SOLVER.AMP.PRECISION -> autocast dtype
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +51,7 @@ def _param_groups(cfg, model):
     groups = {}
     seen = set()
     for module_name, module in model.named_modules():
-        for value in module.parameters(recurse=False):
+        for name, value in module.named_parameters(recurse=False):
             if not value.requires_grad or value in seen:
                 continue
             seen.add(value)
@@ -53,7 +61,7 @@ def _param_groups(cfg, model):
             weight_decay = cfg.SOLVER.WEIGHT_DECAY
             if isinstance(module, NORM_MODULE_TYPES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            elif isinstance(module, torch.nn.Embedding):
+            elif isinstance(module, torch.nn.Embedding) or any(k in f"{module_name}.{name}" for k in POSITION_EMBED_NAMES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
             groups.setdefault((lr, weight_decay), []).append(value)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
@@ -90,8 +98,45 @@ def build_optimizer(cfg, model):
     return maybe_add_gradient_clipping(cfg, optimizer_type)(groups, cfg.SOLVER.BASE_LR, **kwargs)
 
 
+class WarmupPolyLR(_DeepLabWarmupPolyLR):
+    """The DeepLab project's warmup + poly schedule, ``lr(t) = base * (1 - t / max_iters)^power``,
+    with two changes for resuming:
+
+    * ``max_iters`` is the config's ``SOLVER.MAX_ITER`` also after loading a checkpoint (the
+      checkpoint's value is ignored), so ``--resume`` with a larger ``MAX_ITER`` continues on the
+      longer schedule: from the resumed iteration t the rate is ``base * (1 - t / MAX_ITER)^power``
+      (higher than the shorter run had at t; warmup is not repeated);
+    * past ``max_iters`` the rate is 0 instead of a math domain error.
+    """
+
+    def load_state_dict(self, state_dict):
+        max_iters = self.max_iters
+        super().load_state_dict(state_dict)
+        self.max_iters = max_iters
+        # the rate of the resumed iteration on this schedule, also in the optimizer (load the
+        # optimizer's state first: it holds the rates of the run that saved it)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+    def get_lr(self):
+        if self.last_epoch >= self.max_iters:
+            return [0.0 for _ in self.base_lrs]
+        return super().get_lr()
+
+
 def build_lr_scheduler(cfg, optimizer):
     """``WarmupPolyLR`` (power ``SOLVER.POLY_LR_POWER``) or detectron2's schedules."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
+        return WarmupPolyLR(
+            optimizer,
+            cfg.SOLVER.MAX_ITER,
+            warmup_factor=cfg.SOLVER.WARMUP_FACTOR,
+            warmup_iters=cfg.SOLVER.WARMUP_ITERS,
+            warmup_method=cfg.SOLVER.WARMUP_METHOD,
+            power=cfg.SOLVER.POLY_LR_POWER,
+            constant_ending=cfg.SOLVER.POLY_LR_CONSTANT_ENDING,
+        )
     return _build_deeplab_lr_scheduler(cfg, optimizer)
 
 

@@ -1,16 +1,9 @@
-"""The one place that decides between the CUDA kernels and the PyTorch twins, and builds the kernels.
+"""Builds and loads the CUDA extension of the gather primitives (which backend runs is
+:mod:`clusten.backends`' business).
 
-Backend choice (environment variable ``CLUSTEN_BACKEND``, read at every call):
-
-- ``auto`` (default): CUDA tensors use the compiled kernels; if they cannot be built, the
-  PyTorch twins run instead and one warning line says why.
-- ``torch``: always the PyTorch twins.
-- ``cuda``: CUDA tensors must use the kernels; a failed build raises.
-
-CPU tensors always use the PyTorch twins. The extension is compiled lazily, on the first call
-with a CUDA tensor (never at import), by ``torch.utils.cpp_extension.load`` with ninja, and is
-cached in ``CLUSTEN_BUILD_DIR`` (default: PyTorch's extension cache), so later processes only
-load it. ``CLUSTEN_DEBUG=1`` turns on the index-range check for the kernel path as well.
+The extension is compiled lazily, on the first call with a CUDA tensor (never at import), by
+``torch.utils.cpp_extension.load`` with ninja, and is cached in ``CLUSTEN_BUILD_DIR`` (default:
+PyTorch's extension cache), so later processes only load it.
 
 Building needs the CUDA toolkit (``CUDA_HOME``, default ``/usr/local/cuda``) but no GPU: the
 cuSPARSE headers that ATen's CUDA headers include are taken from the ``nvidia`` pip package
@@ -18,18 +11,12 @@ that the CUDA build of torch installs, and ``TORCH_CUDA_ARCH_LIST`` defaults to
 ``DEFAULT_ARCH_LIST`` when no GPU is visible.
 """
 import glob
-import logging
 import os
 import shutil
 import threading
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-BACKEND_ENV = "CLUSTEN_BACKEND"
-BACKENDS = ("auto", "torch", "cuda")
-DEBUG_ENV = "CLUSTEN_DEBUG"
 BUILD_DIR_ENV = "CLUSTEN_BUILD_DIR"
 DEFAULT_ARCH_LIST = "8.0;8.6;9.0"
 EXTENSION_NAME = "clusten_cuda"
@@ -39,45 +26,6 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _lock = threading.Lock()
 _extension = None
 _failure = None  # why the last build failed (str), or None
-_logged = set()
-
-
-def backend():
-    """The requested backend from ``CLUSTEN_BACKEND``: 'auto', 'torch' or 'cuda'."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
-    return value
-
-
-def debug():
-    """True when ``CLUSTEN_DEBUG`` asks for index-range checks on the kernel path too."""
-    return os.environ.get(DEBUG_ENV, "0").strip() not in ("", "0", "false", "False")
-
-
-def _log_once(level, message):
-    if message not in _logged:
-        _logged.add(message)
-        logger.log(level, message)
-
-
-def kernels(device):
-    """The compiled extension to use for tensors on ``device``, or None for the PyTorch twins."""
-    if torch.device(device).type != "cuda":
-        return None
-    choice = backend()
-    if choice == "torch":
-        _log_once(logging.INFO, f"clusten: {BACKEND_ENV}=torch, CUDA tensors use the PyTorch path")
-        return None
-    try:
-        return load_extension()
-    except Exception as err:  # any build/load failure means: fall back (or raise if forced)
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        if choice == "cuda":
-            raise RuntimeError(f"clusten: {BACKEND_ENV}=cuda but the CUDA kernels are unavailable ({reason})") from err
-        _log_once(logging.WARNING, f"clusten: CUDA kernels unavailable ({reason}); using the PyTorch path "
-                                   f"(set {BACKEND_ENV}=cuda to raise the full error)")
-        return None
 
 
 def cuda_home():

@@ -1,15 +1,24 @@
 """Exact k-nearest-neighbour search between point sets, with a fixed tie rule.
 
-Replaces the original's pykeops ``knn_keops``. Conventions (spec section 15.1): positions are
+Replaces the original's pykeops ``knn_keops``. Conventions (docs/reproducibility.md): positions are
 taken as float32; squared Euclidean distances are computed exactly in float64; the neighbours
 are the first k of a stable ascending order, so exact ties go to the lower database index;
 results are nearest first; distances are ``sqrt`` of the squared distance, in float32; no
 gradient. Queries are processed in chunks so memory stays bounded for any number of queries.
+
+``knn`` runs as the custom op ``clusten::knn`` (one node per search in traced graphs, which is
+what ``clusten.flops`` counts). Which search it uses is a process-wide setting:
+``set_knn_method("brute_force")`` (or ``with knn_method("brute_force"): ...``) keeps every search
+on the brute force, the original's way; ``auto`` (default) sends large 2-D searches to the grid
+search. The default is read once, at import, from ``CLUSTEN_KNN``.
 """
+import contextlib
 import os
 
 import torch
+from torch import Tensor
 
+from .knn_grid import grid_knn
 from .reference import query_chunks
 from .validation import check
 
@@ -18,10 +27,42 @@ from .validation import check
 CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
 # 2-D searches with more query x database pairs than this go to the exact grid search
-# (clusten.fused.grid_knn: same results); below it brute force is as fast.
+# (clusten.grid_knn: same results); below it brute force is as fast.
 GRID_SEARCH_PAIRS = 1 << 22
-# CLUSTEN_KNN=brute_force keeps every search on the brute-force path (to time the original's way)
 SEARCH_ENV = "CLUSTEN_KNN"
+KNN_METHODS = ("auto", "brute_force")
+
+
+def _validated_method(name, source="knn method"):
+    value = str(name).strip().lower()
+    if value not in KNN_METHODS:
+        raise ValueError(f"clusten: {source}={name!r}: expected one of {', '.join(KNN_METHODS)}")
+    return value
+
+
+_method = _validated_method(os.environ.get(SEARCH_ENV, "").strip() or "auto", SEARCH_ENV)
+
+
+def get_knn_method():
+    """The current search method of ``knn``: ``"auto"`` or ``"brute_force"``."""
+    return _method
+
+
+def set_knn_method(name):
+    """Set the search method of every later ``knn`` call in this process."""
+    global _method
+    _method = _validated_method(name)
+
+
+@contextlib.contextmanager
+def knn_method(name):
+    """Run a block with knn search method ``name``; the previous one is restored after it."""
+    previous = get_knn_method()
+    set_knn_method(name)
+    try:
+        yield
+    finally:
+        set_knn_method(previous)
 
 
 def _check(query, database, k):
@@ -45,17 +86,30 @@ def knn(query, database, k, return_dist=False):
         ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
 
     Large 2-D searches use the exact grid search (``clusten.grid_knn``), the others
-    ``brute_force_knn``; both give identical results (``CLUSTEN_KNN=brute_force`` forces the
-    latter).
+    ``brute_force_knn``; both give identical results (``set_knn_method("brute_force")`` forces
+    the latter).
     """
-    s = _check(query, database, k)
-    # the grid search sizes its rounds on the host: not inside a captured graph
-    grid_allowed = os.environ.get(SEARCH_ENV, "auto") != "brute_force" and not torch.compiler.is_compiling()
-    if grid_allowed and s["d"] == 2 and s["n"] * s["n_"] > GRID_SEARCH_PAIRS:
-        from .fused.grid_knn import grid_knn
+    _check(query, database, k)
+    if torch.compiler.is_compiling():
+        # the grid search sizes its rounds on the host: not inside a captured graph
+        return brute_force_knn(query, database, k, return_dist)
+    idx, dist = _knn_op(query, database, k)
+    return (idx, dist) if return_dist else idx
 
-        return grid_knn(query, database, k, return_dist)
-    return brute_force_knn(query, database, k, return_dist)
+
+@torch.library.custom_op("clusten::knn", mutates_args=())
+def _knn_op(query: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(``b x n x k`` int64 indices, ``b x n x k`` float32 distances) of ``knn``."""
+    b, n, d = query.shape
+    if d == 2 and n * database.shape[1] > GRID_SEARCH_PAIRS and _method == "auto":
+        return grid_knn(query, database, k, return_dist=True)
+    return brute_force_knn(query, database, k, return_dist=True)
+
+
+@_knn_op.register_fake
+def _(query, database, k):
+    shape = (query.shape[0], query.shape[1], k)
+    return query.new_empty(shape, dtype=torch.int64), query.new_empty(shape, dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ floating inputs are cast to the autocast dtype instead. float16/bfloat16 accumul
 """
 import torch
 
-from . import primitives
+from . import primitives, reference
 from .validation import check, check_same_dtype
 
 
@@ -135,3 +135,82 @@ def msdetrpc(nn_idx, nn_weight, attn, value):
     out = primitives.gather_sum(mixed.contiguous(), value.to(dtype).contiguous(),
                                 nn_idx.long().reshape(b, n, m * k).contiguous())
     return out.view(b, n, s["c"])
+
+
+MASK_LOGIT = -100.0  # added to the logit of a padded neighbour slot, as in the original
+
+
+def attention_logits(query, key, nbhd_idx, bias, mask, blank_k):
+    """AFF's attention logits over each query's neighbourhood and the blank token.
+
+    ``a_ij = q_i . key[idx_ij] + bias_ij + (1 - mask_ij) * MASK_LOGIT`` (the mask term only with a
+    mask) and the blank token's ``a_i0 = q_i . blank_k`` (no bias).
+
+    Args:
+        query: ``b x h x n x c``; key: ``b x h x n_ x c``.
+        nbhd_idx: ``b x n x m`` int32/int64, or None for global attention (every query over all
+            ``n_`` keys in order, m = n_).
+        bias: broadcastable to ``b x h x n x m``.
+        mask: ``b x n x m``, 1/True on real neighbours, 0/False on padded slots, or None.
+        blank_k: ``h x c``.
+    Returns:
+        (``b x h x n x m`` neighbour logits, ``b x h x n x 1`` blank logits).
+    """
+    h, c = blank_k.shape
+    logits = query @ key.transpose(-1, -2) if nbhd_idx is None else clusten_qk(query, key, nbhd_idx)
+    logits = logits + bias
+    if mask is not None:
+        padded = ~mask if mask.dtype == torch.bool else 1 - mask
+        logits = logits + padded.unsqueeze(1).to(logits.dtype) * MASK_LOGIT
+    return logits, (query * blank_k.reshape(1, h, 1, c)).sum(-1, keepdim=True)
+
+
+def _attention_scores(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, dropout_p):
+    """(output ``b x h x n x c``, the ``b x h x n x (m + 1)`` logits it took the softmax of)."""
+    h, c = blank_k.shape
+    logits, blank = attention_logits(query, key, nbhd_idx, bias, mask, blank_k)
+    acc = reference.accumulate_dtype(logits.dtype)
+    scores = torch.cat([logits.to(acc), blank.to(acc)], dim=-1)
+    attn = torch.nn.functional.dropout(scores.softmax(dim=-1), dropout_p, training=dropout_p > 0)
+    nbhd_attn = attn[..., :-1].to(value.dtype)
+    out = nbhd_attn @ value if nbhd_idx is None else clusten_av(nbhd_attn, value, nbhd_idx)
+    return out + attn[..., -1:].to(value.dtype) * blank_v.reshape(1, h, 1, c).to(value.dtype), scores
+
+
+def cluster_attention_reference(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, dropout_p=0.0):
+    """AFF's cluster attention as the chain of ops of the original: the reference of
+    :func:`clusten.cluster_attention`, and the model's unfused path.
+
+    ``P = softmax([a_i1 .. a_im, a_i0])`` over the logits of :func:`attention_logits`, taken in
+    float32 (float64 for float64 logits), with dropout ``dropout_p`` on ``P``;
+    ``out_i = sum_j P_ij value[idx_ij] + P_i0 blank_v``.
+
+    Args:
+        query: ``b x h x n x c``, already multiplied by c^-0.5.
+        key, value: ``b x h x n_ x c``.
+        nbhd_idx: ``b x n x m`` int32/int64 in ``[0, n_)``, or None for global attention (m = n_).
+        bias: ``b x h x n x m`` relative-position bias.
+        mask: ``b x n x m`` (1/True = real neighbour, 0/False = padded slot) or None.
+        blank_k, blank_v: ``h x c``, the blank token's key and value per head.
+        dropout_p: attention dropout probability (training only).
+    Returns:
+        ``b x h x n x c`` in value's dtype.
+    """
+    _check_attention("cluster_attention_reference", query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
+    return _attention_scores(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, dropout_p)[0]
+
+
+def _check_attention(op, query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, index_kind="shape"):
+    args = [("query", query, "b h n c", "float"), ("key", key, "b h n_ c", "float"),
+            ("value", value, "b h n_ c", "float"), ("bias", bias, "b h n m", "float"),
+            ("blank_k", blank_k, "h c", "float"), ("blank_v", blank_v, "h c", "float")]
+    if nbhd_idx is not None:
+        args.append(("nbhd_idx", nbhd_idx, "b n m", index_kind))
+    if mask is not None:
+        args.append(("mask", mask, "b n m", "shape"))
+    s = check(op, args)
+    if nbhd_idx is None and s["m"] != s["n_"]:
+        raise ValueError(f"{op}: global attention (nbhd_idx None) needs bias over all n_={s['n_']} keys, "
+                         f"got m={s['m']}")
+    if nbhd_idx is not None and nbhd_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: nbhd_idx must be int32 or int64, got {nbhd_idx.dtype}")

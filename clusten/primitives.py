@@ -5,15 +5,16 @@ opaque node), a fake implementation (shapes for tracing) and an autograd formula
 closed under differentiation - each primitive's gradients are again primitives - so double
 backward works too. Shapes and math are in :mod:`clusten.reference`.
 
-Every call picks its implementation through :func:`clusten.build.kernels`: the CUDA extension
-for CUDA tensors when it is available, the PyTorch twin otherwise. Under
-``torch.use_deterministic_algorithms(True)`` the CUDA ``scatter_sum`` replaces its float atomics
-by a fixed-order segment sum over the neighbourhood index sorted by table row.
+The op's own body is the PyTorch reference (CPU tensors and every other device); the CUDA
+extension is registered for CUDA tensors with ``register_kernel("cuda", ...)`` and runs when the
+backend allows it (:func:`clusten.backends.cuda_extension`; otherwise the reference runs there
+too). Under ``torch.use_deterministic_algorithms(True)`` the CUDA ``scatter_sum`` replaces its
+float atomics by a fixed-order segment sum over the neighbourhood index sorted by table row.
 """
 import torch
 from torch import Tensor
 
-from . import build, reference
+from . import backends, reference
 
 
 def _contiguous(*tensors):
@@ -23,25 +24,40 @@ def _contiguous(*tensors):
 @torch.library.custom_op("clusten::gather_dot", mutates_args=())
 def gather_dot(x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     """out[g,i,j,r] = sum_c x[g,i,r,c] * y[g, idx[b,i,j], c]: ``g x n x m x r``."""
-    ext = build.kernels(x.device)
-    if ext is None:
-        return reference.gather_dot(x, y, idx)
-    return ext.gather_dot(*_contiguous(x, y, idx))
+    return reference.gather_dot(x, y, idx)
 
 
 @torch.library.custom_op("clusten::gather_sum", mutates_args=())
 def gather_sum(w: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     """out[g,i,r,c] = sum_j w[g,i,j,r] * y[g, idx[b,i,j], c]: ``g x n x r x c``."""
-    ext = build.kernels(w.device)
-    if ext is None:
-        return reference.gather_sum(w, y, idx)
-    return ext.gather_sum(*_contiguous(w, y, idx))
+    return reference.gather_sum(w, y, idx)
 
 
 @torch.library.custom_op("clusten::scatter_sum", mutates_args=())
 def scatter_sum(w: Tensor, x: Tensor, idx: Tensor, n_src: int) -> Tensor:
     """out[g,t,c] = sum_{idx[b,i,j]=t} sum_r w[g,i,j,r] * x[g,i,r,c]: ``g x n_src x c``."""
-    ext = build.kernels(w.device)
+    return reference.scatter_sum(w, x, idx, n_src)
+
+
+@gather_dot.register_kernel("cuda")
+def _(x, y, idx):
+    ext = backends.cuda_extension(x.device)
+    if ext is None:
+        return reference.gather_dot(x, y, idx)
+    return ext.gather_dot(*_contiguous(x, y, idx))
+
+
+@gather_sum.register_kernel("cuda")
+def _(w, y, idx):
+    ext = backends.cuda_extension(w.device)
+    if ext is None:
+        return reference.gather_sum(w, y, idx)
+    return ext.gather_sum(*_contiguous(w, y, idx))
+
+
+@scatter_sum.register_kernel("cuda")
+def _(w, x, idx, n_src):
+    ext = backends.cuda_extension(w.device)
     if ext is None:
         return reference.scatter_sum(w, x, idx, n_src)
     w, x, idx = _contiguous(w, x, idx)

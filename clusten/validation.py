@@ -7,7 +7,7 @@ are ``ValueError``/``TypeError``/``IndexError`` naming the op and the argument.
 """
 import torch
 
-from . import build
+from . import backends
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -50,7 +50,7 @@ def _check_values(tensor):
     """Index values are checked on the PyTorch path always, on the kernel path in debug mode."""
     if tensor.numel() == 0 or torch.compiler.is_compiling():
         return False
-    return build.debug() or build.kernels(tensor.device) is None
+    return backends.debug or backends.cuda_extension(tensor.device) is None
 
 
 def _check_range(op, name, tensor, upper, dim):

@@ -10,24 +10,20 @@ Examples::
 
 FLOPs follow fvcore's convention (one multiply-add counts as one flop, elementwise ops are
 ignored).  Unlike the original, which traced the clusten CUDA ops and the KeOps KNN as
-unknown nodes and so left them out, the count includes
+unknown nodes and so left them out, the count includes the clusten ops (every neighbourhood
+gather, the fused cluster attention, the grid models' multi-scale deformable attention and every
+KNN search), with the rules of ``clusten.flops``.
 
-* the clusten gather primitives (``clusten::gather_dot``: ``out.numel() * c``;
-  ``clusten::gather_sum``: ``out.numel() * m``; ``clusten::scatter_sum``: ``w.numel() * c``),
-  which is every neighbourhood attention (qk and av), PointConv's weighted features, the
-  weighted gathers of Shepard interpolation and the point deformable attention;
-* the fused cluster attention (``clusten::cluster_attention_fwd``: logits and weighted sum
-  over the M neighbours and the blank token, ``2 * b * h * n * (M + 1) * c``);
-* every KNN search, as the brute-force distance computation ``b * n * n_ * d`` (query
-  ``b x n x d`` against database ``b x n_ x d``); the selection of the k nearest is not
-  counted, as fvcore counts no sort.
-
-``--exclude-custom-ops`` leaves all of them out again.  ``--use-fixed-input-size`` runs
-on zeros of ``INPUT.CROP.SIZE`` instead of the test set's images; those inputs are all the
-same, so one is analysed whatever ``-n`` says.
+``--exclude-custom-ops`` leaves all of them out again.  Window attention through
+``F.scaled_dot_product_attention`` (Focal, Swin) is always counted: logits and weighted sum,
+``batch * L * S * (E + Ev)`` for a query ``batch x L x E`` and a value ``batch x S x Ev``.
+The result also gives the total without the matrix products (``matmul``/``bmm``/``einsum``/
+``scaled_dot_product_attention``: the attention logits and weighted sums), which is how thop,
+the counter of the SegFormer and BoostFormer READMEs, counts (conv and linear layers only, and
+the norms).  ``--use-fixed-input-size`` runs on zeros of ``INPUT.CROP.SIZE`` instead of the
+test set's images; those inputs are all the same, so one is analysed whatever ``-n`` says.
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
@@ -43,9 +39,9 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
-import clusten  # noqa: E402
-from aff_seg.modeling.backbone import AFFCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
+import clusten.flops  # noqa: E402
+from aff_seg.checkpoint import AFFCheckpointer, check_weights  # noqa: E402
+from aff_seg.config import ConfigError  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -53,85 +49,19 @@ from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from fvcore.nn import ActivationCountAnalysis, flop_count_table, parameter_count  # noqa: E402
 from fvcore.nn import parameter_count_table  # noqa: E402
-from fvcore.nn.jit_handles import generic_activation_jit, get_shape  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 logger = logging.getLogger("aff_seg.analyze_model")
 
-# -- counting the custom ops --------------------------------------------------------------
 
-KNN_OP = "aff_seg_analysis::knn"
-
-
-def gather_dot_flop(inputs, outputs):
-    """``x`` g x n x r x c -> out g x n x m x r: one multiply-add per (out, c)."""
-    return prod(get_shape(outputs[0])) * get_shape(inputs[0])[-1]
+def attention_flop(inputs, outputs):
+    """``F.scaled_dot_product_attention``: query ... x L x E, key ... x S x E, value ... x S x Ev:
+    the logits and the weighted sum, prod(...) * L * S * (E + Ev)."""
+    query, key, value = (get_shape(inputs[i]) for i in range(3))
+    return prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
 
 
-def gather_sum_flop(inputs, outputs):
-    """``w`` g x n x m x r -> out g x n x r x c: one multiply-add per (out, m)."""
-    return prod(get_shape(outputs[0])) * get_shape(inputs[0])[2]
-
-
-def scatter_sum_flop(inputs, outputs):
-    """``w`` g x n x m x r, ``x`` g x n x r x c: one multiply-add per (w, c)."""
-    return prod(get_shape(inputs[0])) * get_shape(inputs[1])[-1]
-
-
-def cluster_attention_flop(inputs, outputs):
-    """Fused attention, ``query`` b x h x n x c, ``nbhd_idx`` b x n x M: the logits and the
-    weighted sum over M neighbours plus the blank token, 2 * b * h * n * (M + 1) * c."""
-    b, h, n, c = get_shape(inputs[0])
-    return 2 * b * h * n * (get_shape(inputs[3])[-1] + 1) * c
-
-
-def knn_flop(inputs, outputs):
-    """``query`` b x n x d, ``database`` b x n_ x d: brute-force distances, b * n * n_ * d."""
-    b, n, d = get_shape(inputs[0])
-    return b * n * get_shape(inputs[1])[1] * d
-
-
-FLOP_HANDLES = {
-    "clusten::gather_dot": gather_dot_flop,
-    "clusten::gather_sum": gather_sum_flop,
-    "clusten::scatter_sum": scatter_sum_flop,
-    "clusten::cluster_attention_fwd": cluster_attention_flop,
-    KNN_OP: knn_flop,
-}
-ACTIVATION_HANDLES = {
-    name: generic_activation_jit()
-    for name in ("clusten::gather_dot", "clusten::gather_sum", "clusten::scatter_sum",
-                 "clusten::cluster_attention_fwd")
-}
-
-_plain_knn = clusten.knn
-
-
-@torch.library.custom_op(KNN_OP, mutates_args=())
-def _knn_op(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _plain_knn(query, database, k, return_dist=True)
-
-
-@_knn_op.register_fake
-def _(query, database, k):
-    shape = (query.shape[0], query.shape[1], k)
-    return query.new_empty(shape, dtype=torch.int64), query.new_empty(shape, dtype=torch.float32)
-
-
-def _knn_traced_as_one_op(query, database, k, return_dist=False):
-    idx, dist = _knn_op(query, database, k)
-    return (idx, dist) if return_dist else idx
-
-
-@contextlib.contextmanager
-def knn_as_one_op():
-    """While active, ``clusten.knn`` runs as the single custom op ``KNN_OP``, so the tracer
-    sees one node per KNN search (instead of its elementwise and sort ops) and
-    ``knn_flop`` can count it.  Callers reach the KNN as ``clusten.knn``."""
-    clusten.knn = _knn_traced_as_one_op
-    try:
-        yield
-    finally:
-        clusten.knn = _plain_knn
+MATRIX_PRODUCT_OPS = ("matmul", "bmm", "einsum", "scaled_dot_product_attention")  # fvcore's operator names
 
 
 def flop_analysis(model, inputs, count_custom_ops=True):
@@ -147,12 +77,10 @@ def flop_analysis(model, inputs, count_custom_ops=True):
         a ``FlopCountAnalysis`` whose statistics are already computed.
     """
     analysis = FlopCountAnalysis(model, inputs)
-    if count_custom_ops:
-        analysis.set_op_handle(**FLOP_HANDLES)
-    else:
-        analysis.set_op_handle(**{name: None for name in FLOP_HANDLES})
-    with knn_as_one_op():
-        analysis.total()  # traces now, while the KNN is one op
+    analysis.set_op_handle(**{"aten::scaled_dot_product_attention": attention_flop})
+    handles = clusten.flops.FLOP_HANDLES
+    analysis.set_op_handle(**(handles if count_custom_ops else dict.fromkeys(handles)))
+    analysis.total()  # traces now
     return analysis
 
 
@@ -161,10 +89,9 @@ def activation_analysis(model, inputs, count_custom_ops=True):
     ``count_custom_ops``, of the clusten ops), computed like ``flop_analysis``."""
     wrapper = TracingAdapter(model, inputs, allow_non_tensor=True)
     analysis = ActivationCountAnalysis(wrapper, wrapper.flattened_inputs)
-    handles = ACTIVATION_HANDLES if count_custom_ops else {n: None for n in ACTIVATION_HANDLES}
-    analysis.set_op_handle(**handles, **{KNN_OP: None})
-    with knn_as_one_op():
-        analysis.total()
+    handles = clusten.flops.ACTIVATION_HANDLES
+    analysis.set_op_handle(**(handles if count_custom_ops else dict.fromkeys(handles)))
+    analysis.total()
     return analysis
 
 
@@ -173,10 +100,7 @@ def activation_analysis(model, inputs, count_custom_ops=True):
 
 def setup_cfg(config_file, opts=()):
     """Config from a file and ``KEY VALUE`` overrides; runs on the CPU without CUDA."""
-    cfg = get_cfg()
-    aff_seg.add_maskformer2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = aff_seg.load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -187,7 +111,7 @@ def build_loaded_model(cfg):
     """``build_model`` plus the weights of ``MODEL.WEIGHTS`` (random init when empty)."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AFFCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AFFCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -251,6 +175,9 @@ def do_flop(model, cfg, args):
         "num_inputs": len(totals),
         "custom_ops_counted": not args.exclude_custom_ops,
         "gflops_by_operator": {k: v / len(totals) / 1e9 for k, v in sorted(by_operator.items())},
+        "gflops_without_matmul": sum(
+            v for k, v in by_operator.items() if k not in MATRIX_PRODUCT_OPS
+        ) / len(totals) / 1e9,
         "gflops_by_module": {
             name: modules[name] / 1e9 for name in ("", "backbone", "sem_seg_head") if name in modules
         },
@@ -260,7 +187,10 @@ def do_flop(model, cfg, args):
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
     )
-    logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f}")
+    logger.info(
+        f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "
+        f"({result['gflops_without_matmul']:.2f} without the matrix products)"
+    )
     return result
 
 
@@ -338,7 +268,11 @@ def main(argv=None):
     setup_logger(name="aff_seg")
     if args.num_inputs < 1:
         raise ValueError(f"--num-inputs must be >= 1, got {args.num_inputs}")
-    cfg = setup_cfg(args.config_file, args.opts)
+    try:  # one line naming the key or file, before the model is built
+        cfg = setup_cfg(args.config_file, args.opts)
+        check_weights(cfg.MODEL.WEIGHTS)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"analyze_model.py: error: {e}")
     model = build_loaded_model(cfg)
     model.eval()
     results = {"config_file": args.config_file}

@@ -9,6 +9,13 @@ Examples::
     python tools/benchmark.py --config-file CFG --tasks train --batch-size 2 SOLVER.AMP.ENABLED True
     python tools/benchmark.py --config-file CFG --original-execution   # fp32, unfused, brute-force KNN
     python tools/benchmark.py --config-file CFG --tasks inference --profile   # per-op breakdown
+    python tools/benchmark.py --compare CFG_A CFG_A@original CFG_B --input-size 512 512 --repeats 3
+
+``--compare`` times several contenders side by side: each repetition runs every contender
+once, in turn, each in a fresh process (so peak memory is the contender's own and a noisy
+moment of a shared machine spreads over all contenders); the table gives medians over the
+repetitions, their spread (min-max) and the ratio to the first contender. ``CFG@original``
+runs that config the original's way.
 
 Inference: images/s, per-batch latency percentiles (p50, p90, p99) and peak memory, under
 ``torch.no_grad`` in eval mode.  Training: the time of one iteration (forward, backward,
@@ -28,7 +35,9 @@ import logging
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -39,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from analyze_model import build_loaded_model, fixed_size_inputs, setup_cfg  # noqa: E402
 from aff_seg.data.dataset_mappers import build_train_mapper  # noqa: E402
-from clusten import knn_search  # noqa: E402
+import clusten  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -273,9 +282,91 @@ def table(result, tasks):
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 
+# -- side by side ------------------------------------------------------------------------
+
+
+def compare(contenders, tasks, opts, input_size=None, batch_size=1, warmup=3, iters=20, repeats=3, threads=None):
+    """Interleaved repetitions of several contenders, each run in a fresh process.
+
+    Args:
+        contenders: config files, each optionally suffixed ``@original`` (run the original's way).
+        opts: config overrides applied to every contender.
+        repeats: repetitions; each runs every contender once, in the given order.
+        threads: ``torch.set_num_threads`` in each run (None: torch's default).
+    Returns:
+        dict: ``machine`` facts and, per contender, per task, the median images/s and latency
+        over the repetitions, their min/max, the largest peak memory, and the ratio of the
+        median latency to the first contender's.
+    """
+    for contender in contenders:
+        config_file, _, way = contender.partition("@")
+        if way not in ("", "original"):
+            raise ValueError(f"--compare {contender!r}: the only suffix is '@original'")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--compare: config file {config_file!r} does not exist")
+    runs = {c: [] for c in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(repeats):
+            for i, contender in enumerate(contenders):
+                config_file, _, way = contender.partition("@")
+                out = os.path.join(tmp, f"{rep}_{i}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "--config-file", config_file, "--tasks", *tasks,
+                       "--batch-size", str(batch_size), "--warmup", str(warmup), "--iters", str(iters), "--json", out]
+                if input_size:
+                    cmd += ["--input-size", *map(str, input_size)]
+                if threads:
+                    cmd += ["--threads", str(threads)]
+                if way == "original":
+                    cmd.append("--original-execution")
+                logger.info(f"repetition {rep + 1}/{repeats}: {contender}")
+                done = subprocess.run(cmd + list(opts), capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"--compare: {contender} failed:\n{done.stderr[-3000:]}")
+                with open(out) as f:
+                    runs[contender].append(json.load(f))
+    result = {
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "threads": threads or torch.get_num_threads(), "torch": torch.__version__},
+        "repeats": repeats, "batch_size": batch_size, "input_size": input_size, "contenders": {},
+    }
+    for contender, reps in runs.items():
+        entry = {"device": reps[0]["device"]}
+        for task in tasks:
+            ips = [r[task]["images_per_s"] for r in reps]
+            lat = [r[task]["latency_ms"]["p50"] for r in reps]
+            entry[task] = {
+                "images_per_s": float(np.median(ips)), "latency_ms": float(np.median(lat)),
+                "latency_ms_min": float(min(lat)), "latency_ms_max": float(max(lat)),
+                "peak_memory_mib": float(max(r[task]["peak_memory_mib"] for r in reps)),
+            }
+        result["contenders"][contender] = entry
+    first = result["contenders"][contenders[0]]
+    for entry in result["contenders"].values():
+        for task in tasks:
+            entry[task]["ratio"] = entry[task]["latency_ms"] / first[task]["latency_ms"]
+    return result
+
+
+def compare_table(result, tasks):
+    rows = []
+    for contender, entry in result["contenders"].items():
+        for task in tasks:
+            r = entry[task]
+            rows.append([contender, task, f"{r['images_per_s']:.2f}", f"{r['latency_ms']:.1f}",
+                         f"{r['latency_ms_min']:.1f}-{r['latency_ms_max']:.1f}", f"{r['ratio']:.2f}",
+                         f"{r['peak_memory_mib']:.0f}"])
+    headers = ["contender", "task", "img/s", "median ms", "spread ms", "x first", "peak MiB"]
+    return tabulate(rows, headers=headers, tablefmt="pipe")
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config-file", metavar="FILE")
+    target.add_argument("--compare", nargs="+", metavar="FILE[@original]",
+                        help="time these configs side by side (interleaved repetitions, one process each)")
+    parser.add_argument("--repeats", type=int, default=3, help="with --compare: repetitions of every contender")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument(
         "--tasks", nargs="+", choices=("inference", "train"), default=["inference", "train"]
     )
@@ -308,10 +399,23 @@ ORIGINAL_EXECUTION_OPTS = ["SOLVER.AMP.ENABLED", "False", "MODEL.AFF.FUSED_ATTEN
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="aff_seg")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     opts = list(args.opts)
+    if args.compare:
+        if args.profile or args.original_execution or args.dataset_images:
+            raise ValueError("--compare takes neither --profile, --original-execution (use CFG@original) "
+                             "nor --dataset-images")
+        result = compare(args.compare, args.tasks, opts, input_size=args.input_size, batch_size=args.batch_size,
+                         warmup=args.warmup, iters=args.iters, repeats=args.repeats, threads=args.threads)
+        print(compare_table(result, args.tasks))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     if args.original_execution:
         opts += ORIGINAL_EXECUTION_OPTS
-        os.environ[knn_search.SEARCH_ENV] = "brute_force"
+        clusten.set_knn_method("brute_force")
     cfg = setup_cfg(args.config_file, opts)
     result = run(
         cfg,

@@ -14,7 +14,7 @@ import argparse
 import pickle
 
 import aff_seg  # noqa: F401  (detectron2 compatibility fixes first)
-from aff_seg.modeling.backbone.checkpoint import load_weights_file
+from aff_seg.checkpoint import load_weights_file
 
 
 def convert(src, dst):

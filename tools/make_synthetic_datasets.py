@@ -6,7 +6,7 @@
 
 With DETECTRON2_DATASETS pointing at --root, the standard dataset names (ade20k_sem_seg_train,
 coco_2017_train, coco_2017_val_panoptic_with_sem_seg, cityscapes_fine_panoptic_train ...) load
-these files.  A second run with the same arguments returns at once.  See aff_seg/data/synthetic.py.
+these files.  A second run with the same arguments returns at once.  See aff_seg/data/synthetic/.
 """
 import argparse
 import os

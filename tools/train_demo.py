@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """The main job: train a small AFF on synthetic ADE20K-format data on CPU, in minutes.
 
-    python tools/train_demo.py [--output-dir output/demo] [--iters 300] [KEY VALUE ...]
+    python tools/train_demo.py [--config-file CFG] [--output-dir output/demo] [--iters 300] [KEY VALUE ...]
 
 1. writes the synthetic semantic dataset (``aff_seg.data.synthetic``) under
    ``<output-dir>/datasets`` and points the standard ``ade20k_sem_seg_*`` names at it;
-2. trains ``configs/synthetic/ade20k_semantic.yaml`` (progress, checkpoints and TensorBoard
+2. trains ``configs/synthetic/ade20k_semantic.yaml`` or ``--config-file`` (progress, checkpoints and TensorBoard
    events in ``<output-dir>``);
 3. evaluates with detectron2's ``SemSegEvaluator`` and prints the mIoU next to the mIoU of
    always predicting the most frequent training class;
@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import SemSegEvaluator
@@ -31,10 +30,10 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from aff_seg import add_maskformer2_config
+from aff_seg import load_config
 from aff_seg.data.datasets import register_standard_datasets
 from aff_seg.data.synthetic import make_synthetic_datasets
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "synthetic", "ade20k_semantic.yaml")
 TRAIN, VAL = "ade20k_sem_seg_train", "ade20k_sem_seg_val"
@@ -86,6 +85,7 @@ def visualise(model, cfg, dataset_name, folder, count):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=CONFIG, help="a config for the synthetic ADE20K data")
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
     parser.add_argument("--num-train", type=int, default=48)
@@ -105,10 +105,8 @@ def main(argv=None):
     make_synthetic_datasets(root, datasets=("ade20k",), num_train=args.num_train, num_val=args.num_val, seed=0)
     register_standard_datasets(root)
 
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
+    cfg = load_config(args.config_file,
+                      ["OUTPUT_DIR", args.output_dir] + (["SOLVER.MAX_ITER", args.iters] if args.iters else []))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

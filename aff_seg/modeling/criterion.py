@@ -102,7 +102,8 @@ class SetCriterion(nn.Module):
             labels = t["labels"]
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
-                    f"SetCriterion: target {i} has class ids {labels.unique().tolist()} outside "
+                    f"SetCriterion: target {i} ({t.get('file_name') or 'file not known'}) has class ids "
+                    f"{labels.unique().tolist()} outside "
                     f"[0, {self.num_classes}) (MODEL.SEM_SEG_HEAD.NUM_CLASSES={self.num_classes})"
                 )
             if t["masks"].shape[0] != labels.shape[0]:

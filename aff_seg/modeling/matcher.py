@@ -69,7 +69,9 @@ class HungarianMatcher(nn.Module):
                 cost_mask = batch_sigmoid_ce_loss(out_pts, tgt_pts)
                 cost_dice = batch_dice_loss(out_pts, tgt_pts)
             cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
-            q_idx, t_idx = linear_sum_assignment(cost.cpu())
+            # a diverging run gives NaN/inf costs; matched anyway, so that its NaN loss reaches
+            # detectron2's "Loss became infinite or NaN" check instead of a scipy error
+            q_idx, t_idx = linear_sum_assignment(torch.nan_to_num(cost).cpu())
             indices.append((torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)))
         return indices
 

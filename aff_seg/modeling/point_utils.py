@@ -21,6 +21,7 @@ __all__ = [
     "relative_position_features",
     "PointConv",
     "shepard_weights",
+    "shepard_neighbours",
     "shepard_interpolate",
     "points_to_canvas",
     "gather_points",
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 SHEPARD_EPS = 1e-11
+# without autograd, PointConv merges at most this many output tokens at a time: its
+# ``n x inner_ch x c`` intermediate (4 GB for the pixel decoder at 4096 x 4096) stays bounded
+POINTCONV_CHUNK = 1 << 16
 
 
 def relative_position_features(offset):
@@ -81,6 +85,16 @@ class PointConv(nn.Module):
         Returns:
             ``b x n x out_dim``.
         """
+        n = nbhd_idx.shape[1]
+        if torch.is_grad_enabled() or n <= POINTCONV_CHUNK:
+            return self._merge(feat, nbhd_idx, offset, modulation)
+        return torch.cat([
+            self._merge(feat, nbhd_idx[:, s:s + POINTCONV_CHUNK], offset[:, s:s + POINTCONV_CHUNK],
+                        None if modulation is None else modulation[:, s:s + POINTCONV_CHUNK])
+            for s in range(0, n, POINTCONV_CHUNK)
+        ], dim=1)
+
+    def _merge(self, feat, nbhd_idx, offset, modulation):
         weights = self.weight_net(relative_position_features(offset).to(self.weight_net[0].weight.dtype))
         if modulation is not None:
             weights = weights * modulation
@@ -103,23 +117,37 @@ def shepard_weights(dist2, power, eps=SHEPARD_EPS):
     return u / u.sum(dim=-1, keepdim=True)
 
 
-def shepard_interpolate(query_pos, source_pos, source_feat, k=4, power=3.0):
-    """Interpolate token features at other positions from their k nearest tokens.
+def shepard_neighbours(query_pos, source_pos, k=4, power=3.0, nn_idx=None):
+    """The k source tokens nearest to each query position and their Shepard weights.
+
+    Depends on positions only, so a caller that interpolates several features between the same
+    two point sets computes it once (one neighbour search) and reuses it.
 
     Args:
-        query_pos: ``b x n x 2`` positions to interpolate at.
-        source_pos: ``b x n_ x 2`` positions of the source tokens.
-        source_feat: ``b x n_ x c``.
+        query_pos: ``b x n x 2``; source_pos: ``b x n_ x 2``.
         k: neighbours (at most n_); power: Shepard power on the squared distance.
+        nn_idx: ``b x n x k`` the neighbours if already known (no search then).
+    Returns:
+        ``(nn_idx b x n x k int64, weights b x n x k float32)``.
+    """
+    if nn_idx is None:
+        nn_idx = clusten.knn(query_pos, source_pos, min(k, source_pos.shape[1]))
+    nbr_pos = gather_points(source_pos.float(), nn_idx)
+    dist2 = (nbr_pos - query_pos.float().unsqueeze(2)).pow(2).sum(-1)
+    return nn_idx, shepard_weights(dist2, power)
+
+
+def shepard_interpolate(source_feat, neighbours):
+    """Interpolate token features at other positions from their nearest tokens.
+
+    Args:
+        source_feat: ``b x n_ x c``.
+        neighbours: ``(nn_idx, weights)`` of :func:`shepard_neighbours`, both ``b x n x k``.
     Returns:
         ``b x n x c``; a query that coincides with a source token copies it (weight ~1/eps).
     """
-    k = min(k, source_pos.shape[1])
-    nn_idx = clusten.knn(query_pos, source_pos, k)  # b x n x k
-    nbr_pos = gather_points(source_pos.float(), nn_idx)
-    dist2 = (nbr_pos - query_pos.float().unsqueeze(2)).pow(2).sum(-1)
-    weights = shepard_weights(dist2, power).to(source_feat.dtype)
-    return clusten.weighted_gather(nn_idx, weights, source_feat)
+    nn_idx, weights = neighbours
+    return clusten.weighted_gather(nn_idx, weights.to(source_feat.dtype), source_feat)
 
 
 def gather_points(points, idx):

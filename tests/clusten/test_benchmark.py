@@ -1,66 +1,58 @@
-"""tools/benchmark_ops.py runs on CPU at small shapes and writes its table as JSON."""
-import importlib.util
+"""python -m clusten.benchmark: runs on CPU at small shapes, writes its table as JSON, and times
+the same attention in its original, reference and fused forms."""
 import json
-import os
 
 import pytest
 import torch
 
 import clusten
+from clusten import benchmark
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_ops", os.path.join(ROOT, "tools", "benchmark_ops.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_small_cpu_run_writes_json(bench, tmp_path, capsys):
+def test_small_cpu_run_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--small", "--repeat", "1", "--ops", "clusten_av", "knn", "--json", str(path)])
+    benchmark.main(["--device", "cpu", "--small", "--min-run-time", "0", "--ops", "clusten_av", "knn",
+                    "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["op"], r["impl"]) for r in rows] == [
-        ("clusten_av", "torch"), ("knn (pixels->res3, k=4)", "brute force"), ("knn (pixels->res3, k=4)", "grid")
-    ]
-    assert rows[0]["impl"] == "torch" and rows[0]["fwd_ms"] > 0 and rows[0]["bwd_ms"] > 0
+    assert [(r["op"], r["backend"]) for r in rows] == [
+        ("clusten_av", "torch"), ("knn (brute force)", "torch"), ("knn (grid)", "torch")]
+    assert rows[0]["dtype"] == "float32" and rows[0]["fwd_ms"] > 0 and rows[0]["fwd_bwd_ms"] > 0
+    assert all(r["identical"] for r in rows[1:])
     assert "clusten_av" in capsys.readouterr().out
 
 
-def test_fused_attention_row_computes_the_chain(bench):
-    """The fused row and the original chain are the same attention (same bias and mask)."""
-    s = bench.tiny_sizes(32, 32, 1)
-    s["nbhd"] = 5
-    q, k, v, idx, pe_idx, mask, table, pe_w, pe_b, blank_k, blank_v = bench.chain_inputs(
-        s, torch.device("cpu"), torch.float64)
-    b, h, n, c = q.shape
-    bias = (table @ pe_w.T + pe_b)[pe_idx].permute(0, 3, 1, 2)  # b x h x n x m
-    fused = bench.fused_inputs(s, torch.device("cpu"), torch.float64)
-    assert [tuple(t.shape) for t in fused] == [
-        tuple(t.shape) for t in (q, k, v, idx, bias, mask, blank_k.view(h, c), blank_v.view(h, c))]
-    out = clusten.cluster_attention(q, k, v, idx, bias, mask, blank_k.view(h, c), blank_v.view(h, c))
-    chain = bench.original_attention_chain(q, k, v, idx, pe_idx, mask, table, pe_w, pe_b, blank_k, blank_v)
-    torch.testing.assert_close(out, chain)
+def test_the_three_attention_rows_compute_the_same_attention():
+    """The original's table bias gathered per neighbour is the bias the reference and fused rows get."""
+    cases = benchmark.op_cases(32, 32, 1, torch.device("cpu"), torch.float64)
+    original_fn, original = cases["original attention"]
+    _, attention = cases["fused attention"]
+    h = original["q"].shape[1]
+    b, n, m = original["nbhd_idx"].shape
+    table_bias = torch.nn.functional.linear(original["table"], original["pe_weight"], original["pe_bias"])
+    bias = table_bias[original["pe_idx"]].permute(0, 3, 1, 2)  # b x h x n x m
+    assert bias.shape == (b, h, n, m)
+    args = dict(attention, query=original["q"], key=original["k"], value=original["v"], bias=bias)
+    expected = original_fn(**original)
+    torch.testing.assert_close(clusten.cluster_attention(**args), expected)
+    torch.testing.assert_close(clusten.cluster_attention_reference(**args), expected)
 
 
-def test_attention_chain_is_the_original_formula(bench):
-    """The re-created chain equals softmax([qk + bias + mask term, q.blank_k]) applied to [v, blank_v]."""
-    s = bench.tiny_sizes(32, 32, 1)
-    s["nbhd"] = 5
-    args = [a.detach() for a in bench.chain_inputs(s, torch.device("cpu"), torch.float64)]
-    q, k, v, idx, pe_idx, mask, table, pe_w, pe_b, blank_k, blank_v = args
-    out = bench.original_attention_chain(*args)
-    b, h, n, c = q.shape
-    bias = (table @ pe_w.T + pe_b)[pe_idx]  # b x n x m x h
-    for i in (0, n - 1):
-        for head in range(h):
-            keys = k[0, head, idx[0, i]]
-            logits = keys @ q[0, head, i] + bias[0, i, :, head] - 100 * (1 - mask[0, i])
-            logits = torch.cat([logits, (q[0, head, i] * blank_k.view(h, c)[head]).sum().view(1)])
-            p = logits.softmax(0)
-            expected = p[:-1] @ v[0, head, idx[0, i]] + p[-1] * blank_v.view(h, c)[head]
-            torch.testing.assert_close(out[0, head, i], expected)
+def test_neighbourhoods_are_six_whole_clusters_around_the_own_one():
+    idx = benchmark.neighbourhoods(2, 96, "cpu")
+    assert idx.shape == (2, 96, 48) and torch.equal(idx[0], idx[1])
+    clusters = idx[0] // benchmark.CLUSTER_SIZE
+    own = torch.arange(96) // benchmark.CLUSTER_SIZE
+    assert bool((clusters == own[:, None]).any(1).all())
+    for row in (0, 50, 95):
+        counts = torch.bincount(clusters[row], minlength=12)
+        assert sorted(counts.tolist()) == [0] * 6 + [8] * 6
+
+
+@pytest.mark.slow
+def test_cli_smoke_every_row(capsys):
+    benchmark.main(["--device", "cpu", "--small", "--min-run-time", "0"])
+    printed = capsys.readouterr().out
+    for op in ("clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "original attention",
+               "reference attention", "fused attention"):
+        assert f" {op} " in printed
+    assert printed.count("identical: True") == 2

@@ -1,5 +1,5 @@
-"""The backend decision (env var, fallback log line) and, on any machine with the CUDA
-toolkit, a real compile-and-link of the CUDA extension (no GPU needed)."""
+"""The backend decision (setting, fallback log line, refusals that say why) and, on any machine
+with the CUDA toolkit, a real compile-and-link of the CUDA extension (no GPU needed)."""
 import logging
 import os
 
@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import clusten
-from clusten import build
+from clusten import backends, build
 
 CUDA = torch.device("cuda")
 
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """No cached log lines; load_extension replaced by a stub the test configures."""
-    monkeypatch.setattr(build, "_logged", set())
-    monkeypatch.delenv(build.BACKEND_ENV, raising=False)
+    """No cached log lines, the default backend; load_extension replaced by a stub the test configures."""
+    monkeypatch.setattr(backends, "_logged", set())
+    monkeypatch.setattr(backends, "_backend", "auto")
     state = {"calls": 0, "error": None}
 
     def fake_load():
@@ -30,51 +30,65 @@ def fresh(monkeypatch):
 
 
 def test_cpu_tensors_never_build(fresh):
-    assert build.kernels(torch.device("cpu")) is None
+    assert backends.cuda_extension(torch.device("cpu")) is None
     assert fresh["calls"] == 0
 
 
 def test_auto_uses_kernels_when_they_build(fresh):
-    assert build.kernels(CUDA) == "extension"
+    assert backends.cuda_extension(CUDA) == "extension"
+    assert clusten.can_run("cuda", CUDA)
 
 
 def test_fallback_logs_one_line_with_reason(fresh, caplog):
     fresh["error"] = RuntimeError("nvcc exploded\nerror: no toolkit")
-    with caplog.at_level(logging.INFO, logger="clusten.build"):
-        assert build.kernels(CUDA) is None
-        assert build.kernels(CUDA) is None
+    with caplog.at_level(logging.INFO, logger="clusten.backends"):
+        assert backends.cuda_extension(CUDA) is None
+        assert backends.cuda_extension(CUDA) is None
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["clusten: CUDA kernels unavailable (RuntimeError: error: no toolkit); using the PyTorch path "
-                     "(set CLUSTEN_BACKEND=cuda to raise the full error)"]
+    assert lines == ["clusten: the CUDA kernels unavailable (RuntimeError: error: no toolkit); using the PyTorch "
+                     "reference (backend 'cuda' raises instead)"]
     assert caplog.records[0].levelno == logging.WARNING
 
 
-def test_env_forces_torch(fresh, monkeypatch, caplog):
-    monkeypatch.setenv(build.BACKEND_ENV, "torch")
-    with caplog.at_level(logging.INFO, logger="clusten.build"):
-        assert build.kernels(CUDA) is None
+def test_torch_backend_in_a_block(fresh, caplog):
+    with caplog.at_level(logging.INFO, logger="clusten.backends"), clusten.backend("torch"):
+        assert clusten.get_backend() == "torch"
+        assert backends.cuda_extension(CUDA) is None
+    assert clusten.get_backend() == "auto"
     assert fresh["calls"] == 0
-    assert "CLUSTEN_BACKEND=torch" in caplog.text
+    assert "backend 'torch'" in caplog.text
 
 
-def test_env_forces_cuda_and_raises_when_unavailable(fresh, monkeypatch):
-    monkeypatch.setenv(build.BACKEND_ENV, "cuda")
-    assert build.kernels(CUDA) == "extension"
+def test_cuda_backend_raises_with_the_reason(fresh):
+    clusten.set_backend("cuda")
+    assert backends.cuda_extension(CUDA) == "extension"
     fresh["error"] = OSError("missing nvcc")
-    with pytest.raises(RuntimeError, match=r"CLUSTEN_BACKEND=cuda but the CUDA kernels are unavailable \(OSError: missing nvcc\)"):
-        build.kernels(CUDA)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' but the CUDA kernels cannot run \(OSError: missing nvcc\)"):
+        backends.cuda_extension(CUDA)
 
 
-def test_invalid_env_value(fresh, monkeypatch):
-    monkeypatch.setenv(build.BACKEND_ENV, "triton")
+def test_can_run_says_why_not(fresh):
+    assert clusten.can_run("torch", "cpu") and clusten.can_run("auto", CUDA)
+    assert not clusten.can_run("cuda", "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: cpu is not a CUDA device"):
+        clusten.can_run("cuda", "cpu", raise_error=True)
+    fresh["error"] = OSError("missing nvcc")
+    assert backends.why_not("cuda", CUDA) == "the CUDA kernels are unavailable (OSError: missing nvcc)"
+
+
+def test_invalid_backend_names(fresh):
+    with pytest.raises(ValueError, match="backend='triton': expected one of auto, torch, cuda"):
+        clusten.set_backend("triton")
     with pytest.raises(ValueError, match="CLUSTEN_BACKEND='triton'"):
-        build.kernels(CUDA)
+        backends.backend_from_environment({"CLUSTEN_BACKEND": "triton"})
+    assert backends.backend_from_environment({"CLUSTEN_BACKEND": " Torch "}) == "torch"
+    assert backends.backend_from_environment({}) == "auto"
 
 
-def test_forced_torch_backend_still_computes(monkeypatch):
-    monkeypatch.setenv(build.BACKEND_ENV, "torch")
+def test_forced_torch_backend_still_computes(fresh):
     attn, value, idx = torch.rand(1, 2, 3, 2), torch.rand(1, 2, 4, 5), torch.tensor([[[0, 3], [1, 1], [2, 0]]])
-    out = clusten.clusten_av(attn, value, idx)
+    with clusten.backend("torch"):
+        out = clusten.clusten_av(attn, value, idx)
     torch.testing.assert_close(out[0, 1, 0], attn[0, 1, 0, 0] * value[0, 1, 0] + attn[0, 1, 0, 1] * value[0, 1, 3])
 
 

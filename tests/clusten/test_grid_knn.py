@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from clusten.fused import grid_knn
+from clusten import grid_knn
 from clusten import brute_force_knn as knn
 
 

@@ -1,5 +1,4 @@
 """clusten.knn against brute force, including exact ties (lower database index first)."""
-import importlib
 
 import pytest
 import torch
@@ -76,15 +75,14 @@ def test_bad_k_is_named():
 
 
 def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypatch):
-    grid_module = importlib.import_module("clusten.fused.grid_knn")
     calls = []
-    real_grid = grid_module.grid_knn
+    real_grid = knn_search.grid_knn
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "grid_knn", spy)
+    monkeypatch.setattr(knn_search, "grid_knn", spy)
     monkeypatch.setattr(knn_search, "GRID_SEARCH_PAIRS", 100)
     g = torch.Generator().manual_seed(3)
     database = torch.randint(0, 40, (2, 300, 2), generator=g).float()
@@ -95,6 +93,8 @@ def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypa
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
     assert clusten.knn(query[:, :5], database[:, :10], 4).shape == (2, 5, 4)  # small: brute force
     assert len(calls) == 1
-    monkeypatch.setenv(knn_search.SEARCH_ENV, "brute_force")
-    assert torch.equal(clusten.knn(query, database, 4), ref_idx)
-    assert len(calls) == 1
+    with clusten.knn_method("brute_force"):
+        assert torch.equal(clusten.knn(query, database, 4), ref_idx)
+    assert len(calls) == 1 and clusten.get_knn_method() == "auto"
+    with pytest.raises(ValueError, match="CLUSTEN_KNN='grid': expected one of auto, brute_force"):
+        knn_search._validated_method("grid", knn_search.SEARCH_ENV)

@@ -40,6 +40,34 @@ CASES = {
         "from detectron2.utils.analysis import FlopCountAnalysis\nfrom detectron2.export import TracingAdapter",
         "No module named 'caffe2'",
     ),
+    "_fix_cityscapes_panoptic_paths": (
+        # one Cityscapes panoptic image under a dataset root with a dot in its path
+        "import json, os, tempfile, numpy as np\n"
+        "from PIL import Image\n"
+        "root = tempfile.mkdtemp(prefix='j.doe.')\n"
+        "stem = 'lindau_000000_000019'\n"
+        "for rel in (f'leftImg8bit/val/lindau/{stem}_leftImg8bit.png',\n"
+        "            f'gtFine/val/lindau/{stem}_gtFine_labelTrainIds.png',\n"
+        "            f'gtFine/cityscapes_panoptic_val/{stem}_gtFine_panoptic.png'):\n"
+        "    path = os.path.join(root, 'cityscapes', rel)\n"
+        "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+        "    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)\n"
+        "info = {'annotations': [{'image_id': stem, 'file_name': f'{stem}_gtFine_panoptic.png',\n"
+        "                         'segments_info': [{'id': 7, 'category_id': 7}]}]}\n"
+        "with open(os.path.join(root, 'cityscapes/gtFine/cityscapes_panoptic_val.json'), 'w') as f:\n"
+        "    json.dump(info, f)\n"
+        "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+        "from detectron2.data.datasets.cityscapes_panoptic import register_all_cityscapes_panoptic\n"
+        "for name in ('cityscapes_fine_panoptic_train', 'cityscapes_fine_panoptic_val'):\n"
+        "    DatasetCatalog.remove(name)\n"
+        "    MetadataCatalog.remove(name)\n"
+        "register_all_cityscapes_panoptic(root)\n"
+        "record, = DatasetCatalog.get('cityscapes_fine_panoptic_val')\n"
+        "assert record['sem_seg_file_name'] == os.path.join(\n"
+        "    root, f'cityscapes/gtFine/val/lindau/{stem}_gtFine_labelTrainIds.png')\n"
+        "assert record['segments_info'][0]['category_id'] == 0  # road: train id 0",
+        "Please generate labelTrainIds.png",
+    ),
 }
 
 

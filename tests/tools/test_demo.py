@@ -28,7 +28,7 @@ def _write_image(path, height, width, seed):
 
 
 def _expected_token_counts(height, width, min_size=64, max_size=128, divisibility=32):
-    """Tokens per stage (spec 1.6) for an image the predictor resizes to ``min_size`` on its
+    """Tokens per stage (docs/aff.md) for an image the predictor resizes to ``min_size`` on its
     shortest edge and the model pads to a multiple of ``divisibility``."""
     scale = min(min_size / min(height, width), max_size / max(height, width))
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -69,8 +69,8 @@ def test_images_glob_tokens_and_bad_file(demo, tiny_config, tmp_path, demo_log):
             assert drawn is not None and drawn.shape[:2] == (h, w)
 
 
-def test_draw_kept_tokens_brightens_only_kept_cells(demo):  # demo: puts predictor on the path
-    from predictor import StageTokens, draw_kept_tokens
+def test_draw_kept_tokens_brightens_only_kept_cells():
+    from aff_seg.predictor import StageTokens, draw_kept_tokens
 
     image = np.full((16, 16, 3), 200, np.uint8)
     stage = StageTokens("res3", num_tokens=2, centers=np.array([[2.0, 2.0]]), cell=(4.0, 4.0))
@@ -107,11 +107,13 @@ def _write_clip(path, num_frames):
     return str(path)
 
 
-def test_video(demo, tiny_config, tmp_path):
+@pytest.mark.parametrize("existing", [True, False])
+def test_video(demo, tiny_config, tmp_path, existing):
     config, opts = tiny_config
     video_path = _write_clip(tmp_path / "clip.mp4", 3)
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # no trailing slash
+    if existing:
+        out.mkdir()
     assert demo.main(["--config-file", config, "--video-input", video_path, "--output", str(out),
                       "--opts", *opts]) == 0
     result = cv2.VideoCapture(str(out / "clip.mp4"))
@@ -133,17 +135,93 @@ def test_webcam_shows_frames_until_escape(demo, tiny_config, tmp_path, monkeypat
     monkeypatch.setattr(demo, "open_video", lambda source: opened.append(source) or real_open(clip))
     monkeypatch.setattr(demo, "show", lambda image, wait_ms: shown.append(image.shape) or (27 if len(shown) == 2 else -1))
     monkeypatch.setattr(demo.cv2, "destroyAllWindows", lambda: None)
+    monkeypatch.setattr(demo, "gui_available", lambda: True)
     assert demo.main(["--config-file", config, "--webcam", "--opts", *opts]) == 0
     assert opened == [0]
     assert shown == [(48, 64, 3)] * 2  # esc after the second frame ends the loop
 
 
+def _frames(path):
+    video, count = cv2.VideoCapture(str(path)), 0
+    while video.read()[0]:
+        count += 1
+    return count
+
+
+def test_webcam_with_output_records_a_file(demo, tiny_config, tmp_path, monkeypatch, capsys):
+    config, opts = tiny_config
+    clip = _write_clip(tmp_path / "camera.mp4", 4)
+    real_open = demo.open_video
+    monkeypatch.setattr(demo, "open_video", lambda source: real_open(clip if source == 0 else source))
+    monkeypatch.setattr(demo, "gui_available", lambda: False)  # recording needs no window
+    out = tmp_path / "recordings"  # a new folder, no trailing slash
+    assert demo.main(["--config-file", config, "--webcam", "--output", str(out), *opts]) == 0
+    assert _frames(out / "webcam.mp4") == 4
+    assert capsys.readouterr().out.strip().endswith(f"results saved to {out / 'webcam.mp4'}")
+
+
+def test_without_gui_a_window_is_refused_at_parsing(demo, tiny_config, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "gui_available", lambda: False)
+    for source in (["--webcam"], ["--input", "a.png"], ["--video-input", "c.mp4"]):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.parse_args(["--config-file", tiny_config[0], *source])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "pip install .[gui]" in err and "--output" in err
+
+
+def test_this_opencv_is_headless(demo):
+    """The install brings opencv-python-headless: its build lists no GUI backend."""
+    assert demo.gui_available() is False
+
+
+def test_overrides_positional_or_after_opts(demo, tmp_path):
+    args = demo.parse_args(["--config-file", "c.yaml", "--input", "a.png", "b.png", "MODEL.WEIGHTS", "w.pth",
+                            "--output", str(tmp_path), "--opts", "SOLVER.AMP.ENABLED", "True"])
+    assert args.input == ["a.png", "b.png"]
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth", "SOLVER.AMP.ENABLED", "True"]
+    args = demo.parse_args(["--config-file", "c.yaml", "--output", "o.mp4", "--video-input", "v.mp4",
+                            "TEST.AMP.ENABLED", "True"])
+    assert args.video_input == "v.mp4" and args.opts == ["TEST.AMP.ENABLED", "True"]
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("res.jpg", "res.jpg"),  # a file
+        ("existing", "existing/a.png"),  # an existing folder
+        ("pred", "pred/a.png"),  # a new folder: no extension
+        ("new/", "new/a.png"),  # a new folder: trailing slash
+    ],
+)
+def test_one_naming_rule_for_images_and_tokens(demo, tiny_config, tmp_path, capsys, output, expected):
+    config, opts = tiny_config
+    (tmp_path / "existing").mkdir()
+    _write_image(tmp_path / "a.png", 40, 48, seed=0)
+    assert demo.main(["--config-file", config, "--input", str(tmp_path / "a.png"),
+                      "--output", str(tmp_path / output), "--show-tokens", *opts]) == 0
+    result = tmp_path / expected
+    assert cv2.imread(str(result)).shape[:2] == (40, 48)
+    stem, ext = os.path.splitext(str(result))
+    assert cv2.imread(f"{stem}_tokens_res3{ext}") is not None
+    assert json.loads(open(f"{stem}_tokens.json").read())["res2"]["num_tokens"] > 0
+    assert capsys.readouterr().out.strip().endswith(f"results saved to {result}")
+
+
+def test_wrong_extension_for_the_kind_of_result(demo, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--config-file", "c.yaml", "--input", "a.png", "--output", str(tmp_path / "x.mp4")])
+    assert ".png" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--video-input", "{tmp}/missing.mp4", "--opts", "MODEL.WEIGHTS", ""],
+        (["--video-input", "{tmp}/missing.mp4", "--output", "{tmp}/out", "--opts", "MODEL.WEIGHTS", ""],
          "cannot open video {tmp}/missing.mp4"),
-        (["--input", "{tmp}/x.png", "--opts", "MODEL.WEIGHTS", "{tmp}/nope.pkl"], "{tmp}/nope.pkl"),
+        (["--input", "{tmp}/x.png", "--output", "{tmp}/out", "--opts", "MODEL.WEIGHTS", "{tmp}/nope.pkl"],
+         "{tmp}/nope.pkl"),
     ],
 )
 def test_errors_name_the_path(demo, tiny_config, tmp_path, demo_log, args, message):

@@ -39,6 +39,15 @@ def test_the_published_models_are_all_there():
             assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_{size}_bs32_45k.yaml" in names
         assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml" in names
     assert "coco/panoptic-segmentation/aff/maskformer2_aff_mini_bs64_50ep.yaml" in names
+    ade = "ade20k/semantic-segmentation/"
+    mask2former = [ade + "maskformer2_R101_bs16_90k.yaml"] + [
+        ade + f"swin/maskformer2_swin_{size}.yaml"
+        for size in ("tiny_bs16_160k", "small_bs16_160k", "base_384_bs16_160k_res640",
+                     "base_IN21k_384_bs16_160k_res640", "large_IN21k_384_bs16_160k_res640")
+    ] + [f"cityscapes/{task}-segmentation/swin/maskformer2_swin_tiny_bs16_90k.yaml"
+         for task in ("semantic", "instance", "panoptic")] + [
+        f"coco/{task}-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml" for task in ("instance", "panoptic")]
+    assert set(mask2former) <= names
     for r50 in ("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml",
                 "cityscapes/instance-segmentation/maskformer2_R50_bs16_90k.yaml",
                 "coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"):
@@ -52,13 +61,14 @@ def test_config_is_safe_yaml_and_merges(path):
     cfg = merged(path)
     assert cfg.INPUT.DATASET_MAPPER_NAME in TRAIN_MAPPERS
     assert all(isinstance(s, int) for s in cfg.INPUT.MIN_SIZE_TRAIN)
-    if "aff" in os.path.basename(path) or "synthetic" in path:
+    name = os.path.basename(path)
+    if "aff" in name or ("synthetic" in path and not any(s in name for s in ("grid", "segformer", "boostformer", "focal"))):
         assert cfg.MODEL.BACKBONE.NAME == "AutoFocusFormer"
         assert all(d % h == 0 for d, h in zip(cfg.MODEL.AFF.EMBED_DIM, cfg.MODEL.AFF.NUM_HEADS))
 
 
 def test_values_follow_the_original():
-    """Spot checks against reference section 8.2."""
+    """Spot checks against the original repository's configs."""
     ade = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/aff/maskformer2_aff_mini_1_5th_bs32_80k.yaml"))
     assert (ade.SOLVER.IMS_PER_BATCH, ade.SOLVER.BASE_LR, ade.SOLVER.MAX_ITER) == (32, 2e-4, 80000)
     assert ade.MODEL.AFF.DS_RATE == 0.2 and ade.MODEL.AFF.NUM_HEADS == [2, 4, 8, 16]
@@ -80,7 +90,17 @@ def test_values_follow_the_original():
     assert coco.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
 
     r50 = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"))
-    assert r50.MODEL.BACKBONE.NAME == "D2ResNetTokens" and r50.MODEL.RESNETS.DEPTH == 50
+    assert r50.MODEL.BACKBONE.NAME == "build_resnet_backbone" and r50.MODEL.RESNETS.DEPTH == 50
+    swin = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/swin/"
+                               "maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml"))
+    assert swin.MODEL.BACKBONE.NAME == "D2SwinTransformer" and swin.MODEL.SWIN.EMBED_DIM == 192
+    assert swin.MODEL.SWIN.NUM_HEADS == [6, 12, 24, 48] and swin.MODEL.SWIN.WINDOW_SIZE == 12
+    assert swin.MODEL.SWIN.PRETRAIN_IMG_SIZE == 384 and swin.MODEL.WEIGHTS == "swin_large_patch4_window12_384_22k.pkl"
+    assert swin.INPUT.MIN_SIZE_TRAIN == tuple(int(x * 0.1 * 640) for x in range(5, 21))
+    assert swin.INPUT.CROP.SIZE == [640, 640] and swin.INPUT.SIZE_DIVISIBILITY == 640
+    assert swin.MODEL.MASK_FORMER.DEC_LAYERS == 10 and swin.SOLVER.MAX_ITER == 160000
+    tokens = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_tokens_bs16_160k.yaml"))
+    assert tokens.MODEL.BACKBONE.NAME == "D2ResNetTokens" and tokens.MODEL.RESNETS.DEPTH == 50
 
 
 @pytest.mark.slow
@@ -89,13 +109,20 @@ def test_config_builds_its_model(path):
     import torch
     from detectron2.modeling import build_model
 
-    from aff_seg import training  # noqa: F401  (registers the R50 token backbone)
 
     cfg = merged(path)
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":  # SegFormer, BoostFormer: built on the meta device
+        cfg.merge_from_list(["MODEL.DEVICE", "meta", "MODEL.WEIGHTS", ""])  # (their forward is tested elsewhere)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert type(model.backbone).__name__ == cfg.MODEL.BACKBONE.NAME
+        assert model.sem_seg_head.classifier.out_channels == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        return
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg)
     assert type(model).__name__ == "MaskFormer"
-    assert type(model.backbone).__name__ == cfg.MODEL.BACKBONE.NAME
+    expected_backbone = {"build_resnet_backbone": "ResNet"}.get(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.NAME)
+    assert type(model.backbone).__name__ == expected_backbone
     predictor = model.sem_seg_head.predictor
     assert predictor.query_feat.weight.shape[0] == cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
     assert predictor.class_embed.out_features == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1

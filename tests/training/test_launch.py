@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from aff_seg.training import launch, resolve_dist_backend
+from aff_seg.engine import launch, resolve_dist_backend
 
 
 def test_backend_choice():

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from aff_seg.modeling.backbone_resnet import grid_tokens
+from aff_seg.modeling.backbone.resnet_tokens import grid_tokens
 
 from .conftest import CONFIGS, TINY_OPTS
 
@@ -29,11 +29,10 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     from detectron2.structures import Instances
 
     from aff_seg import add_maskformer2_config
-    from aff_seg import training  # noqa: F401  (registers D2ResNetTokens)
 
     cfg = get_cfg()
     add_maskformer2_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"))
+    cfg.merge_from_file(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_tokens_bs16_160k.yaml"))
     cfg.merge_from_list(TINY_OPTS + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18",
                                      "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
     model = build_model(cfg)
@@ -57,3 +56,4 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     with torch.no_grad():
         (result,) = model([{"image": image, "height": 32, "width": 32}])
     assert result["sem_seg"].shape == (150, 32, 32)
+

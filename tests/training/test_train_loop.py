@@ -12,7 +12,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from aff_seg.training import Trainer
+from aff_seg.engine import Trainer
 
 from .conftest import CONFIGS, REPO, TASKS, tiny_cfg, tiny_opts
 
@@ -68,12 +68,17 @@ class _KillAfter(HookBase):
             raise _Interrupt()
 
 
-def test_kill_and_resume_ends_with_the_uninterrupted_weights(registered_root, tmp_path):
+@pytest.mark.parametrize("task", ["ade20k_semantic", "coco_panoptic", "coco_instance", "cityscapes_panoptic"])
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_root, tmp_path):
+    """With the shipped aspect-ratio grouping on (images of both orientations in the ADE and
+    COCO sets), for every config family."""
     schedule = ["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
-                "MODEL.AFF.DROP_PATH_RATE", "0.2", "INPUT.COLOR_AUG_SSD", "True"]
-    reference = train(tiny_cfg("ade20k_semantic", tmp_path / "uninterrupted", *schedule))
+                "MODEL.AFF.DROP_PATH_RATE", "0.2", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
+    if task == "ade20k_semantic":
+        schedule += ["INPUT.COLOR_AUG_SSD", "True"]
+    reference = train(tiny_cfg(task, tmp_path / "uninterrupted", *schedule))
 
-    cfg = tiny_cfg("ade20k_semantic", tmp_path / "interrupted", *schedule)
+    cfg = tiny_cfg(task, tmp_path / "interrupted", *schedule)
     with pytest.raises(_Interrupt):
         train(cfg, extra_hooks=[_KillAfter(2)])  # iterations 0-2 ran; the checkpoint is of iteration 1
     assert (tmp_path / "interrupted" / "last_checkpoint").read_text().strip() == "model_0000001.pth"
@@ -127,6 +132,35 @@ def test_two_cpu_processes_train_and_evaluate_with_gloo(gloo_run):
     assert math.isfinite(_copypaste_metrics((out / "log.txt").read_text())["mIoU"])
 
 
+def test_console_is_quiet_and_the_details_go_to_log_txt(gloo_run):
+    """No config dump, model repr or per-class dict on the console (they are in log.txt), and
+    metrics as plain numbers."""
+    out, log = gloo_run
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail not in log
+    assert "np.float64" not in log
+    assert len(log.splitlines()) < 60, log
+    details = (out / "log.txt").read_text()
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail in details
+    assert "np.float64" not in details
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_evaluation_under_test_amp(precision, registered_root, tmp_path):
+    """TEST.AMP: the evaluation runs the model in low precision and scores like fp32."""
+    cfg = tiny_cfg("ade20k_semantic", tmp_path)
+    model = Trainer.build_model(cfg)
+    fp32 = Trainer.test(cfg, model)
+    amp_cfg = tiny_cfg("ade20k_semantic", tmp_path, "TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", precision)
+    dtypes = []
+    model.sem_seg_head.predictor.register_forward_hook(lambda m, i, out: dtypes.append(out["pred_masks"].dtype))
+    amp = Trainer.test(amp_cfg, model)
+    assert set(dtypes) == {getattr(torch, precision)}
+    assert type(amp["sem_seg"]["mIoU"]) is float
+    assert amp["sem_seg"]["mIoU"] == pytest.approx(fp32["sem_seg"]["mIoU"], abs=1.0)
+
+
 def test_eval_only_reproduces_the_final_evaluation(gloo_run, synthetic_root, tmp_path):
     out, _ = gloo_run
     config = os.path.join(CONFIGS, TASKS["ade20k_semantic"])
@@ -161,3 +195,31 @@ def test_mixed_precision_training_follows_fp32(precision, registered_root, tmp_p
 
     assert mean(low[-10:]) < 0.85 * mean(low[:5]), low  # it learns
     assert abs(mean(low[-10:]) - mean(fp32[-10:])) < 0.15 * mean(fp32[-10:]), (low[-10:], fp32[-10:])
+
+
+def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path):
+    """The grid Mask2Former (ResNet maps, upstream heads): train 3 iterations; as if killed after
+    the checkpoint of iteration 1, resume (train_net's --resume path) and run iteration 2; then
+    train_net.py --eval-only of the final weights reproduces the final evaluation."""
+    from detectron2.config import get_cfg
+
+    from aff_seg import add_maskformer2_config
+
+    config = os.path.join(CONFIGS, "synthetic/ade20k_semantic_grid.yaml")
+    opts = tiny_opts("ade20k_semantic", tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2)
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(opts)
+    train(cfg)
+    os.remove(tmp_path / "model_final.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    evaluated = _train_net(["--config-file", config, "--eval-only",
+                            *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")], registered_root)
+    expected = resumed._last_eval_results["sem_seg"]
+    assert {k: round(expected[k], 4) for k in ("mIoU", "fwIoU", "mACC", "pACC")} == {
+        k: v for k, v in _copypaste_metrics(evaluated).items() if k in ("mIoU", "fwIoU", "mACC", "pACC")}

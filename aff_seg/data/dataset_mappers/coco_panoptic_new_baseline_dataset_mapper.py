@@ -1,10 +1,9 @@
 """Large-scale-jitter training mapper for COCO panoptic segmentation
 (``INPUT.DATASET_MAPPER_NAME: coco_panoptic_lsj``)."""
-from detectron2.data import detection_utils as utils
 from detectron2.structures import BitMasks
 from panopticapi.utils import rgb2id
 
-from .utils import LargeScaleJitterMapper, panoptic_segments, segments_to_instances
+from .utils import LargeScaleJitterMapper, panoptic_segments, read_label_map, segments_to_instances
 
 __all__ = ["COCOPanopticNewBaselineDatasetMapper"]
 
@@ -26,7 +25,7 @@ class COCOPanopticNewBaselineDatasetMapper(LargeScaleJitterMapper):
         if "pan_seg_file_name" not in dataset_dict:
             raise ValueError(f"{dataset_dict['file_name']}: no 'pan_seg_file_name' to train on")
 
-        pan_seg = utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB")
+        pan_seg = read_label_map(dataset_dict.pop("pan_seg_file_name"), dataset_dict, "RGB")
         pan_seg = rgb2id(transforms.apply_segmentation(pan_seg))
         classes, masks = panoptic_segments(pan_seg, dataset_dict["segments_info"])
         instances = segments_to_instances(classes, masks, image_shape)

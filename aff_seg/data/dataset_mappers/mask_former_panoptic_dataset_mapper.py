@@ -3,11 +3,10 @@ import copy
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from panopticapi.utils import rgb2id
 
 from .mask_former_semantic_dataset_mapper import MaskFormerSemanticDatasetMapper
-from .utils import IMAGE_PAD_VALUE, pad_to_multiple, panoptic_segments, segments_to_instances
+from .utils import IMAGE_PAD_VALUE, pad_to_multiple, panoptic_segments, read_label_map, segments_to_instances
 
 __all__ = ["MaskFormerPanopticDatasetMapper"]
 
@@ -38,8 +37,9 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
             )
         if "pan_seg_file_name" not in dataset_dict:
             raise ValueError(f"{dataset_dict['file_name']}: no 'pan_seg_file_name' to train on")
-        pan_seg = utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB")
-        image, sem_seg, transforms = self.read_and_augment(dataset_dict)
+        pan_seg_file_name = dataset_dict.pop("pan_seg_file_name")
+        image, sem_seg, transforms = self.read_and_augment(dataset_dict)  # sets height/width
+        pan_seg = read_label_map(pan_seg_file_name, dataset_dict, "RGB")
         pan_seg = torch.as_tensor(rgb2id(transforms.apply_segmentation(pan_seg)).astype("long"))
 
         image = pad_to_multiple(image, self.size_divisibility, IMAGE_PAD_VALUE)

@@ -9,7 +9,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .utils import IMAGE_PAD_VALUE, crop_and_colour_augmentations, pad_to_multiple, segments_to_instances
+from .utils import (
+    IMAGE_PAD_VALUE,
+    crop_and_colour_augmentations,
+    pad_to_multiple,
+    read_label_map,
+    segments_to_instances,
+)
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
 
@@ -22,6 +28,9 @@ class MaskFormerSemanticDatasetMapper:
     ``size_divisibility``), ``sem_seg`` (H x W int64, padded with ``ignore_label``) and
     ``instances`` (one mask per class in the crop, the ignore label excluded).
     """
+
+    #: the metadata list the ``gt_classes`` of its targets index
+    label_classes = "stuff_classes"
 
     @configurable
     def __init__(self, is_train=True, *, augmentations, image_format, ignore_label, size_divisibility):
@@ -62,7 +71,7 @@ class MaskFormerSemanticDatasetMapper:
         utils.check_image_size(dataset_dict, image)
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
-            sem_seg = utils.read_image(dataset_dict.pop("sem_seg_file_name")).astype("double")
+            sem_seg = read_label_map(dataset_dict.pop("sem_seg_file_name"), dataset_dict).astype("double")
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         transforms = self.augmentations(aug_input)
         image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))

@@ -22,6 +22,7 @@ __all__ = [
     "crop_and_colour_augmentations",
     "large_scale_jitter_augmentations",
     "pad_to_multiple",
+    "read_label_map",
     "segments_to_instances",
     "panoptic_segments",
     "annotation_segments",
@@ -87,6 +88,9 @@ class LargeScaleJitterMapper:
     """What the two LSJ mappers (``coco_instance_lsj``, ``coco_panoptic_lsj``) share: read the
     image, apply the large-scale-jitter augmentations; subclasses add their targets."""
 
+    #: the metadata list the ``gt_classes`` of its targets index (panoptic: every class)
+    label_classes = "stuff_classes"
+
     @configurable
     def __init__(self, is_train=True, *, tfm_gens, image_format):
         """
@@ -118,6 +122,27 @@ class LargeScaleJitterMapper:
         image, transforms = T.apply_transform_gens(self.tfm_gens, image)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return dataset_dict, transforms, original_shape
+
+
+def read_label_map(path, dataset_dict, format=None):
+    """Read the label map ``path`` of ``dataset_dict``'s image, checked before any augmentation.
+
+    Args:
+        format: None for a class-id map (must be single-channel, H x W), "RGB" for a panoptic
+            PNG (H x W x 3).
+    Raises:
+        ValueError: naming ``path`` (and the image) when the channels or the size do not fit.
+    """
+    label = read_image(path, format)
+    if format is None and label.ndim != 2:
+        raise ValueError(f"{path}: a label map must have one channel (class ids), got shape {label.shape}")
+    size = (dataset_dict.get("height"), dataset_dict.get("width"))
+    if None not in size and tuple(label.shape[:2]) != size:
+        raise ValueError(
+            f"{path}: label map of {label.shape[0]} x {label.shape[1]} pixels for the image "
+            f"{dataset_dict.get('file_name')} of {size[0]} x {size[1]}"
+        )
+    return label
 
 
 def pad_to_multiple(tensor, divisibility, value):

@@ -1,9 +1,9 @@
 """The AutoFocusFormer backbone as a plain ``nn.Module`` (no detectron2).
 
-Reference: ``shared/spec/aff-reference.md`` section 1. Stem -> 4 stages; each stage clusters its
+See docs/aff.md and the paper (AutoFocusFormer, CVPR 2023). Stem -> 4 stages; each stage clusters its
 tokens along a space-filling curve, runs cluster-attention blocks over the nearest clusters and
 (stages 1-3) keeps a quarter of the tokens by adaptive downsampling. Parameter names and shapes
-are those of the official checkpoints (section 11).
+are those of the official checkpoints (docs/checkpoints.md).
 
 Everything that depends on positions only (clustering, neighbourhoods, the features of the
 relative offsets) is computed once per stage and shared by its blocks. Stage 1's tokens are the
@@ -25,7 +25,8 @@ __all__ = ["AFF", "AFFStage", "PatchEmbed", "AFF_SIZES", "MIN_INPUT_SIZE"]
 PATCH_SIZE = 4
 MIN_INPUT_SIZE = 32  # a smaller image leaves too few tokens for the reserved grid of stage 3
 
-# published model sizes (spec section 1.1): keyword arguments of ``AFF``
+# published model sizes (the paper's table of variants, the original repository's configs): keyword
+# arguments of ``AFF``
 AFF_SIZES = {
     "mini": dict(embed_dim=(32, 128, 256, 384), depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=2.0),
     "tiny": dict(embed_dim=(64, 128, 256, 512), depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0),
@@ -172,11 +173,12 @@ class AFF(nn.Module):
 
     Args:
         in_chans: input channels. embed_dim, depths, num_heads, nbhd_size: per stage.
-        cluster_size, mlp_ratio, alpha, ds_rate, reserve_on, layer_scale: see the spec, 1.1/1.2.
+        cluster_size, mlp_ratio, alpha, ds_rate, reserve_on, layer_scale: see docs/aff.md
+            (``MODEL.AFF.*`` keys of the original repository's configs).
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth
             (rising linearly from 0 over all blocks).
         patch_norm: LayerNorm after the stem. out_indices: stages whose output is returned.
-        fused_attention: run local attention through ``clusten.fused.cluster_attention`` (same
+        fused_attention: run local attention through ``clusten.cluster_attention`` (same
             result as the unfused reference chain; not with attention dropout).
     Forward: ``x`` b x in_chans x H x W (H, W >= 32) -> dict with, for each output stage i,
         ``res{i+2}`` (b x n_i x C_i, after ``norm{i}``), ``res{i+2}_pos`` (b x n_i x 2 float32,
@@ -199,6 +201,8 @@ class AFF(nn.Module):
             raise ValueError(f"embed_dim[0]={embed_dim[0]} must be even (the stem's first conv has half of it)")
         if not 0 < ds_rate <= 1:
             raise ValueError(f"ds_rate={ds_rate} must be in (0, 1]")
+        if not (math.isfinite(alpha) and alpha >= 0):  # a negative weight would rank important tokens last
+            raise ValueError(f"alpha={alpha} (MODEL.AFF.ALPHA) must be finite and >= 0")
         if cluster_size < 1:
             raise ValueError(f"cluster_size={cluster_size} must be positive")
         self.in_chans = in_chans
@@ -222,8 +226,9 @@ class AFF(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"AFF expects images b x {self.in_chans} x H x W, got x of shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
+            raise ValueError(
+                f"AFF expects a non-empty batch b x {self.in_chans} x H x W, got x of shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f"AFF needs images of at least {MIN_INPUT_SIZE} x {MIN_INPUT_SIZE} pixels, got "

@@ -1,18 +1,15 @@
 """Cluster attention (local attention over the nearest clusters, with a blank token) and the block.
 
-Reference: ``shared/spec/aff-reference.md`` sections 1.5 and 3. The relative-position bias is a
+See docs/aff.md (attention) and the paper's section 3. The relative-position bias is a
 per-head linear function (``pos_embed``, Linear(5, h)) of the 5 features of the
 neighbour - query offset. The original evaluates it on a fixed table of offsets up to 2048 px
 (clamping larger ones) for every block and forward; here the features are computed exactly for
 the offsets a stage uses, once per stage, and each block applies its Linear to those only.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import clusten
-from clusten.fused import cluster_attention
-from clusten.fused.attention import MASK_LOGIT  # -100 on padding slots (the original's value, not -inf)
 
 __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlock", "Mlp", "DropPath"]
 
@@ -20,12 +17,9 @@ __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlo
 def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v, dropout_p=0.0, fused=False):
     """Softmax attention of each query over its neighbourhood plus a blank token.
 
-    The one function boundary of the attention core: with ``fused`` (and local attention
-    without dropout) it runs ``clusten.fused.cluster_attention``, which computes the same thing
-    in one pass; otherwise the unfused reference chain below.
-    ``A = q . key[nbhd] + bias (- 100 on padding slots)``; the blank token adds a logit
-    ``q . blank_k`` without bias; ``P = softmax([A, a0])`` (in float32);
-    ``out = sum_j P_j value[nbhd_j] + P_0 blank_v``.
+    With ``fused`` (and local attention without dropout) it runs ``clusten.cluster_attention``,
+    which computes the same thing in one pass; otherwise the unfused chain of the original,
+    ``clusten.cluster_attention_reference``.
 
     Args:
         q: ``b x h x n x c'`` (already scaled); key, value: ``b x h x n x c'``.
@@ -39,26 +33,11 @@ def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, 
     Returns:
         ``b x h x n x c'``.
     """
-    h, c = blank_k.shape
+    bias = bias.expand(q.shape[0], -1, -1, -1)
     if fused and nbhd_idx is not None and dropout_p == 0:
-        bias = bias.expand(q.shape[0], -1, -1, -1)
-        return cluster_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v)
-    if nbhd_idx is None:
-        logits = q @ key.transpose(-1, -2)
-    else:
-        logits = clusten.clusten_qk(q, key, nbhd_idx)
-    logits = logits + bias
-    if nbhd_valid is not None:
-        logits = logits + (~nbhd_valid).unsqueeze(1).to(logits.dtype) * MASK_LOGIT
-    blank_logit = (q * blank_k.reshape(1, h, 1, c)).sum(-1, keepdim=True)  # b x h x n x 1
-    attn = torch.cat([logits.float(), blank_logit.float()], dim=-1).softmax(dim=-1)
-    attn = F.dropout(attn, dropout_p, training=dropout_p > 0)
-    nbhd_attn = attn[..., :-1].to(value.dtype)
-    if nbhd_idx is None:
-        out = nbhd_attn @ value
-    else:
-        out = clusten.clusten_av(nbhd_attn, value, nbhd_idx)
-    return out + attn[..., -1:].to(value.dtype) * blank_v.reshape(1, h, 1, c).to(value.dtype)
+        return clusten.cluster_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v)
+    return clusten.cluster_attention_reference(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v,
+                                               dropout_p=dropout_p)
 
 
 class ClusterAttention(nn.Module):

@@ -15,6 +15,8 @@ class AutoFocusFormer(AFF, Backbone):
     stage dims as channels and nominal strides 4, 8, 16, 32 (the tokens are not on a grid:
     each output also carries ``res{i}_pos`` and ``res{i}_spatial_shape``)."""
 
+    output_format = "tokens"  # the heads take their point-cloud variants (aff_seg.modeling.variants)
+
     @configurable
     def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **aff_kwargs):
         unknown = [f for f in out_features if f not in OUT_STRIDES]

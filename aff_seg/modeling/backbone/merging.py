@@ -1,7 +1,8 @@
 """Adaptive downsampling: choose the merge centres, then merge their neighbourhoods by PointConv.
 
-Reference: ``shared/spec/aff-reference.md`` section 4, with the selection rule of section 15.3
-(stable descending sort of the score instead of ``topk(sorted=False)``).
+As in the paper (AutoFocusFormer, CVPR 2023: adaptive downsampling) and the original repository
+(apple/ml-autofocusformer-segmentation), with the selection rule of docs/reproducibility.md
+(stable descending sort of the score instead of ``topk(sorted=False)``); see docs/aff.md.
 """
 from fractions import Fraction
 
@@ -63,9 +64,13 @@ class ClusterMerging(PointConv):
             grid = (pos_long % 2 == 0).all(-1)
         else:  # a grid twice as coarse as the local spacing
             _, dist = clusten.knn(pos, pos, 2, return_dist=True)
-            ada_stride = (2 ** (dist[..., 1].log2().ceil() + 1)).long()  # b x n
+            # distinct grid positions are >= 1 apart; the clamp keeps duplicates off a 0 stride
+            ada_stride = (2 ** (dist[..., 1].clamp(min=1).log2().ceil() + 1)).long()  # b x n
             grid = (pos_long % ada_stride.unsqueeze(-1) == 0).all(-1)
-        score = grid.float() + importance.detach().reshape(b, n).float() * self.alpha
+        # a NaN importance (from a diverging run or overflowing input) ranks last, never first,
+        # so that reserved tokens are not sampled a second time
+        importance = torch.nan_to_num(importance.detach().reshape(b, n).float(), nan=0.0)
+        score = grid.float() + importance * self.alpha
         if not self.reserve_on:
             return torch.sort(score, dim=1, descending=True, stable=True)[1][:, :keep]
         reserved = (pos_long % (2 * stride) == 0).all(-1)

@@ -13,25 +13,22 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 
+from ...data.dataset_mappers import label_classes
 from ...export.runtime import instance_inference, panoptic_inference, postprocess, semantic_inference
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
+from .validation import check_batched_inputs, check_model_config
 
 __all__ = ["MaskFormer", "check_num_classes"]
-
-
-# dataset mappers whose targets are the things only (labels index thing_classes); the others
-# (semantic, panoptic) label every class (stuff_classes, which then includes the things)
-INSTANCE_MAPPERS = ("mask_former_instance", "coco_instance_lsj")
 
 
 def check_num_classes(num_classes, metadata, mapper_name):
     """Raise if the dataset's metadata lists a different number of classes than the config.
 
-    Instance mappers label ``thing_classes``, the semantic and panoptic ones ``stuff_classes``;
-    a dataset without that list is not checked.
+    Which list the mapper's targets index is the mapper's own ``label_classes``; a dataset without
+    that list is not checked.
     """
-    key = "thing_classes" if mapper_name in INSTANCE_MAPPERS else "stuff_classes"
+    key = label_classes(mapper_name)
     classes = metadata.get(key, None)
     if classes is not None and len(classes) != num_classes:
         raise ValueError(
@@ -42,7 +39,8 @@ def check_num_classes(num_classes, metadata, mapper_name):
 
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
-    """Mask classification model (Mask2Former) on the AFF backbone."""
+    """Mask classification model (Mask2Former) on a token backbone (AFF) or a dense-map backbone
+    (ResNet, Swin, ...); the head takes the matching decoders."""
 
     @configurable
     def __init__(
@@ -63,20 +61,25 @@ class MaskFormer(nn.Module):
         panoptic_on: bool,
         instance_on: bool,
         test_topk_per_image: int,
+        semantic_labels_only: bool = False,
     ):
         """
         Args:
-            backbone: detectron2 Backbone returning the AFF token dict.
+            backbone: detectron2 Backbone returning tokens (AFF's dict) or dense maps.
             sem_seg_head: MaskFormerHead; criterion: SetCriterion.
             num_queries: Q.
             object_mask_threshold: panoptic: minimum class score of a kept query.
             overlap_threshold: panoptic: minimum visible / predicted area of a kept segment.
             metadata: the dataset's metadata (thing ids for panoptic / instance inference).
-            size_divisibility: pad the input to a multiple of this (< 0: the backbone's).
+            size_divisibility: pad the input to a multiple of this (< 0: the backbone's; it must be
+                a multiple of the backbone's ``size_divisibility``).
             sem_seg_postprocess_before_inference: resize the masks to the output size first.
             pixel_mean, pixel_std: per-channel normalisation of the input.
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: instance inference keeps this many (query, class) pairs.
+            semantic_labels_only: inference returns ``sem_seg_labels`` (the ``H x W`` argmax of
+                semantic inference) computed a few rows at a time, instead of ``K x H x W``
+                scores: bounded memory for large images (the evaluators need the scores).
         """
         super().__init__()
         self.backbone = backbone
@@ -86,8 +89,15 @@ class MaskFormer(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
+        required = getattr(backbone, "size_divisibility", 0)  # detectron2 Backbones have it
         if size_divisibility < 0:
-            size_divisibility = self.backbone.size_divisibility
+            size_divisibility = required
+        elif required > 0 and (size_divisibility == 0 or size_divisibility % required):
+            raise ValueError(
+                f"MODEL.MASK_FORMER.SIZE_DIVISIBILITY={size_divisibility}: the backbone {type(backbone).__name__} "
+                f"needs inputs padded to a multiple of {required} (set a multiple of {required}, or -1 for the "
+                "backbone's own)"
+            )
         self.size_divisibility = size_divisibility
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -96,6 +106,11 @@ class MaskFormer(nn.Module):
         self.instance_on = instance_on
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
+        self.semantic_labels_only = semantic_labels_only
+        if semantic_labels_only and (panoptic_on or instance_on or not semantic_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.SEMANTIC_LABELS_ONLY needs SEMANTIC_ON True and PANOPTIC_ON, INSTANCE_ON False"
+            )
         if not self.semantic_on and not self.sem_seg_postprocess_before_inference:
             raise ValueError("sem_seg_postprocess_before_inference must be True when semantic inference is off")
         if panoptic_on and metadata.get("thing_dataset_id_to_contiguous_id", None) is None:
@@ -106,6 +121,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_model_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
@@ -151,6 +167,7 @@ class MaskFormer(nn.Module):
             "instance_on": mf.TEST.INSTANCE_ON,
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "semantic_labels_only": mf.TEST.SEMANTIC_LABELS_ONLY,
         }
 
     @property
@@ -158,19 +175,14 @@ class MaskFormer(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs):
-        """Normalise and pad the images of a batch into an ImageList."""
-        if len(batched_inputs) == 0:
-            raise ValueError("MaskFormer: batched_inputs is empty")
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0] or image.shape[1] == 0 \
-                    or image.shape[2] == 0:
-                raise ValueError(
-                    f"MaskFormer: image {i} must be a non-empty {self.pixel_mean.shape[0]} x H x W tensor, "
-                    f"got shape {tuple(image.shape)}"
-                )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        """Check the inputs (``check_batched_inputs``), normalise the images in float32 and pad them
+        into an ImageList (zeros, i.e. the mean colour, right and bottom).
+
+        The padding has no mask: the backbone tokenises it like image content, so the result of
+        an image batched with larger ones differs from its result alone (docs/safety.md).
+        """
+        check_batched_inputs(batched_inputs, self.pixel_mean.shape[0], type(self).__name__)
+        images = [(x["image"].to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs):
@@ -180,7 +192,7 @@ class MaskFormer(nn.Module):
                 ``instances`` (``gt_classes``, ``gt_masks``), optionally ``height``/``width``.
         Returns:
             training: dict of weighted losses.  Inference: one dict per image with ``sem_seg``
-            (K x H x W), ``panoptic_seg`` ((H x W int32 ids, segments_info)) and/or ``instances``
+            (K x H x W; or ``sem_seg_labels``, H x W, with ``semantic_labels_only``), ``panoptic_seg`` ((H x W int32 ids, segments_info)) and/or ``instances``
             (``pred_masks``, ``scores``, ``pred_classes``, ``pred_boxes``) at ``height x width``.
         """
         images = self.preprocess_image(batched_inputs)
@@ -191,9 +203,20 @@ class MaskFormer(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
+                target["file_name"] = x.get("file_name")
             losses = self.criterion(outputs, targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
+        if self.semantic_labels_only:
+            return [
+                {"sem_seg_labels": semantic_labels(
+                    mask_cls.float(), mask_pred.float(), images.tensor.shape[-2:], image_size,
+                    (x.get("height", image_size[0]), x.get("width", image_size[1])),
+                    self.sem_seg_postprocess_before_inference)}
+                for mask_cls, mask_pred, x, image_size in zip(
+                    outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes)
+            ]
         mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = F.interpolate(
             outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
@@ -248,3 +271,70 @@ class MaskFormer(nn.Module):
     def instance_inference(self, mask_cls, mask_pred):
         """Top (query, class) pairs by a stable descending sort of the class score -> Instances."""
         return instance_inference(mask_cls, mask_pred, self.postprocess_settings())
+
+
+SEMANTIC_LABEL_ROWS = 32  # output rows per step of ``semantic_labels``
+
+
+def _resize_matrix(n_in, n_out, device):
+    """``n_out x n_in`` matrix of 1-D linear resizing as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does it along one axis (its weights, read off the identity)."""
+    eye = torch.eye(n_in, device=device).unsqueeze(0)  # 1 x n_in (channels) x n_in (length)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+def _taps(matrix):
+    """The at most 4 non-zero weights of each row of a resize matrix: (index, weight), ``n_out x t``."""
+    weight, index = matrix.topk(min(4, matrix.shape[1]), dim=1)
+    return index, weight
+
+
+def _resize_rows(x, taps, dim):
+    """Resize ``x`` along ``dim`` (1 or 2 of a 3-D tensor) with ``_taps``."""
+    index, weight = taps
+    if dim == 1:
+        return (x[:, index] * weight[None, :, :, None]).sum(2)
+    return (x[:, :, index] * weight[None, None]).sum(-1)
+
+
+def semantic_labels(mask_cls, mask_pred, padded_hw, image_size, output_hw, postprocess_before_inference):
+    """The label map of Mask2Former's semantic inference without its ``K x H x W`` scores.
+
+    The same maths as ``MaskFormer.forward``: mask logits resized to the padded input, cropped
+    to the image; then either (``postprocess_before_inference``) resized to the output, sigmoid,
+    class-weighted sum; or sigmoid, class-weighted sum, and the scores resized to the output.
+    Computed ``SEMANTIC_LABEL_ROWS`` output rows at a time, so memory grows with the image width,
+    not its area. Equal to the argmax of the full computation up to float rounding.
+
+    Args:
+        mask_cls: ``Q x (K+1)`` class logits; mask_pred: ``Q x h x w`` mask logits (stride 4).
+        padded_hw: (H_pad, W_pad) of the padded input; image_size: (H, W) of the image in it.
+        output_hw: (height, width) of the result.
+    Returns:
+        ``height x width`` int64 class indices.
+    """
+    device = mask_pred.device
+    probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
+    first, second = [], []
+    for n_in, n_pad, n_img, n_out in zip(mask_pred.shape[-2:], padded_hw, image_size, output_hw):
+        to_image = _resize_matrix(n_in, n_pad, device)[:n_img]
+        to_output = _resize_matrix(n_img, n_out, device)
+        if postprocess_before_inference:
+            first.append(_taps(to_output @ to_image))
+        else:
+            first.append(_taps(to_image))
+            second.append(_taps(to_output))
+    labels = []
+    for start in range(0, output_hw[0], SEMANTIC_LABEL_ROWS):
+        rows = slice(start, start + SEMANTIC_LABEL_ROWS)
+        if postprocess_before_inference:
+            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][rows], first[0][1][rows]), 1), first[1], 2)
+            scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+        else:
+            index, weight = second[0][0][rows], second[0][1][rows]
+            lo, hi = int(index.min()), int(index.max()) + 1  # the image rows these output rows read
+            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][lo:hi], first[0][1][lo:hi]), 1), first[1], 2)
+            image_scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+            scores = _resize_rows(_resize_rows(image_scores, (index - lo, weight), 1), second[1], 2)
+        labels.append(scores.argmax(0))
+    return torch.cat(labels)

@@ -1,4 +1,9 @@
-"""Point-cloud pixel decoder (registers MSDeformAttnPixelDecoder in SEM_SEG_HEADS_REGISTRY)."""
-from .msdeformattn_pc import MSDeformAttnPixelDecoder, build_pixel_decoder
+"""Pixel decoders (SEM_SEG_HEADS_REGISTRY): upstream Mask2Former's on dense maps (``msdeformattn``)
+and AFF's on token point clouds (``msdeformattn_pc``), :mod:`aff_seg.modeling.variants` picks
+one; FASeg's on dense maps (``faseg``)."""
+from .msdeformattn import MSDeformAttnPixelDecoder
+from .faseg import MSDeformAttnPixelDecoder4ScalesFASeg
+from .msdeformattn_pc import MSDeformAttnPixelDecoderPc, build_pixel_decoder
 
-__all__ = ["MSDeformAttnPixelDecoder", "build_pixel_decoder"]
+__all__ = ["MSDeformAttnPixelDecoder", "MSDeformAttnPixelDecoder4ScalesFASeg", "MSDeformAttnPixelDecoderPc",
+           "build_pixel_decoder"]

@@ -1,4 +1,4 @@
-"""Point-cloud multi-scale deformable-attention pixel decoder (reference section 5).
+"""Point-cloud multi-scale deformable-attention pixel decoder (docs/aff.md).
 
 The backbone's res5/res4/res3 tokens attend to each other with deformable attention whose
 sampling locations are read off the token point clouds by Shepard interpolation of the 4
@@ -26,13 +26,15 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 import clusten
 
-from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_weights
+from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
+from ..variants import resolve_variant
+from .msdeformattn import MSDeformAttn, reset_encoder_parameters
 
-__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoder", "grid_positions"]
+__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc", "grid_positions"]
 
 # the FPN step interpolates res3 onto res2 from the 4 nearest tokens with weights ~ d^-6
-FPN_SHEPARD_K = 4
+FPN_SHEPARD_K = 4  # at most SAMPLING_K: its neighbours are read off the sampling lookup
 FPN_SHEPARD_POWER = 3.0
 # PointConv (layer_1) neighbourhood: the token and its 8 nearest tokens
 POINTCONV_K = 9
@@ -41,9 +43,10 @@ SAMPLING_K = 4
 
 
 def build_pixel_decoder(cfg, input_shape):
-    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
+    """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``, the grid or
+    point-cloud variant as the backbone returns (:mod:`aff_seg.modeling.variants`)."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    model = resolve_variant(SEM_SEG_HEADS_REGISTRY, "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", name, cfg)(cfg, input_shape)
     if not callable(getattr(model, "forward_features", None)):
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME={name!r} has no forward_features method, "
@@ -62,8 +65,9 @@ def grid_positions(h, w, batch, device):
     return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
 
 
-class MSDeformAttnPc(nn.Module):
-    """Multi-scale deformable attention on point clouds (``MSDeformAttnPc`` of the original).
+class MSDeformAttnPc(MSDeformAttn):
+    """Multi-scale deformable attention on point clouds (``MSDeformAttnPc`` of the original): the
+    modules and init of the grid ``MSDeformAttn`` plus the Shepard power.
 
     Each query token samples ``n_points`` locations per head and level at
     ``its position + offset`` (stride-4 grid units at every level).  A location's value is the
@@ -74,38 +78,11 @@ class MSDeformAttnPc(nn.Module):
 
     def __init__(self, d_model=256, n_levels=3, n_heads=8, n_points=4, shepard_power=3.0,
                  shepard_power_learnable=True):
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        super().__init__(d_model, n_levels, n_heads, n_points)
         if shepard_power_learnable:
             self.shepard_power = nn.Parameter(torch.full((1,), float(shepard_power)))
         else:  # a plain number: no state_dict entry (the COCO checkpoints have none)
             self.shepard_power = float(shepard_power)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        direction = torch.stack([thetas.cos(), thetas.sin()], -1)
-        direction = direction / direction.abs().max(-1, keepdim=True)[0]  # onto the unit square
-        grid = direction.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.constant_(self.value_proj.bias, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.constant_(self.output_proj.bias, 0.0)
 
     @staticmethod
     def _sampling_neighbours(loc, level_pos, level_nb_idx, grid_hw, power):
@@ -240,13 +217,7 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
             num_encoder_layers,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttnPc):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
+        reset_encoder_parameters(self)
 
     def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
         pos_embeds = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)]
@@ -254,14 +225,17 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class MSDeformAttnPixelDecoder(nn.Module):
-    """AFF's pixel decoder on token point clouds (registered under upstream's name).
+class MSDeformAttnPixelDecoderPc(nn.Module):
+    """AFF's pixel decoder on token point clouds (``input_format = "tokens"``; configs name it
+    ``MSDeformAttnPixelDecoder``, see :mod:`aff_seg.modeling.variants`).
 
     ``forward_features(features)`` takes the backbone's dict (``res{i}`` ``b x n_i x C_i``,
     ``res{i}_pos`` ``b x n_i x 2``, ``res{i}_spatial_shape`` (h, w)) and returns
     ``(mask_features b x n_2 x mask_dim, res2 positions b x n_2 x 2, res5 encoder output,
     [res5, res4, res3] encoder outputs, [res5, res4, res3] positions)``.
     """
+
+    input_format = "tokens"
 
     @configurable
     def __init__(
@@ -374,9 +348,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         out = self.transformer(srcs, poss, pos_embeds, nb_idx, grid_hw)
 
         # FPN level: res3 encoder output interpolated onto the res2 tokens, plus the res2 adapter
+        # (the res2 tokens are the grid pixels, so their res3 neighbours are rows of nb_idx[-1])
         pos2 = features[fine + "_pos"].float()
+        pixel = (pos2[..., 1].long() * grid_hw[1] + pos2[..., 0].long()).unsqueeze(-1)  # b x n_2 x 1
+        fpn_idx = nb_idx[-1].gather(1, pixel.expand(-1, -1, nb_idx[-1].shape[-1]))[..., :FPN_SHEPARD_K]
+        fpn_neighbours = shepard_neighbours(pos2, poss[-1], power=FPN_SHEPARD_POWER, nn_idx=fpn_idx)
         y = self.adapter_1(features[fine])
-        y = y + shepard_interpolate(pos2, poss[-1], out[-1].to(y.dtype), k=FPN_SHEPARD_K, power=FPN_SHEPARD_POWER)
+        y = y + shepard_interpolate(out[-1].to(y.dtype), fpn_neighbours)
         nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K)  # b x n_2 x 9, the token itself first
         offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
         y = self.layer_1[0](y, nbhd_idx, offset)

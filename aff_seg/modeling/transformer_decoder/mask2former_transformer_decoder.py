@@ -1,4 +1,5 @@
-"""Mask2Former's masked-attention transformer decoder, on token point clouds (reference section 6).
+"""Mask2Former's masked-attention transformer decoder: the modules both variants share and the
+variant on token point clouds (the grid variant is in ``mask2former_transformer_decoder_grid``).
 
 Differences from upstream (9b0651c), all needed to load the AFF checkpoints:
 * sources are token lists ``b x n_l x c`` with positions, not feature maps; ``input_proj`` is a
@@ -18,10 +19,16 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..point_utils import autocast_off, points_to_canvas, shepard_interpolate
+from ..point_utils import autocast_off, points_to_canvas, shepard_interpolate, shepard_neighbours
+from ..variants import resolve_variant
 from .position_encoding import PointPositionEmbeddingSine
 
-__all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder", "MultiScaleMaskedTransformerDecoder"]
+__all__ = [
+    "TRANSFORMER_DECODER_REGISTRY",
+    "build_transformer_decoder",
+    "MaskedTransformerDecoderBase",
+    "MultiScaleMaskedTransformerDecoderPc",
+]
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = "Registry for the transformer decoder (predictor) of MaskFormer."
@@ -33,9 +40,11 @@ MASK_SHEPARD_POWER = 3.0
 
 
 def build_transformer_decoder(cfg, in_channels, mask_classification=True):
-    """Build the decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
-    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
-    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)
+    """Build the decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``, the grid or
+    point-cloud variant as the backbone returns (:mod:`aff_seg.modeling.variants`)."""
+    key = "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"
+    decoder = resolve_variant(TRANSFORMER_DECODER_REGISTRY, key, cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME, cfg)
+    return decoder(cfg, in_channels, mask_classification)
 
 
 def _xavier_init(module):
@@ -77,10 +86,16 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
         """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool."""
+        return self.attend(tgt, memory, memory_mask, pos, query_pos, need_weights=False)[0]
+
+    def attend(self, tgt, memory, memory_mask, pos, query_pos, need_weights=True):
+        """``forward`` that also returns the attention weights ``b x Q x n`` averaged over the
+        heads (None unless ``need_weights``; FASeg's positional queries are built from them)."""
         x = self.norm(tgt) if self.normalize_before else tgt
-        out = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory, attn_mask=memory_mask)[0]
+        out, weights = self.multihead_attn(query=x + query_pos, key=memory + pos, value=memory,
+                                           attn_mask=memory_mask, need_weights=need_weights)
         tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return (tgt if self.normalize_before else self.norm(tgt)), weights
 
 
 class FFNLayer(nn.Module):
@@ -115,9 +130,15 @@ class MLP(nn.Module):
         return x
 
 
-@TRANSFORMER_DECODER_REGISTRY.register()
-class MultiScaleMaskedTransformerDecoder(nn.Module):
+class MaskedTransformerDecoderBase(nn.Module):
+    """Modules and config of Mask2Former's masked-attention decoder, shared by the grid
+    (``MultiScaleMaskedTransformerDecoder``) and point-cloud (``MultiScaleMaskedTransformerDecoderPc``)
+    variants; they differ in ``make_position_encoding``, ``make_input_proj`` and ``forward``."""
+
     _version = 2
+    num_feature_levels = 3  # res5, res4, res3, round robin (a subclass may use more)
+    # a query attends where its predicted mask probability reaches this
+    attn_mask_threshold = 0.5
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -165,9 +186,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         """
         super().__init__()
         if not mask_classification:
-            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask_classification=True")
+            raise ValueError(f"{type(self).__name__} only supports mask_classification=True")
         self.mask_classification = mask_classification
-        self.pe_layer = PointPositionEmbeddingSine(hidden_dim // 2)
+        self.pe_layer = self.make_position_encoding(hidden_dim // 2)
         self.num_heads = nheads
         self.num_layers = dec_layers
         self.transformer_self_attention_layers = nn.ModuleList()
@@ -186,12 +207,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positions
 
-        self.num_feature_levels = 3  # res5, res4, res3, round robin
         self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
         self.input_proj = nn.ModuleList()
         for _ in range(self.num_feature_levels):
             if in_channels != hidden_dim or enforce_input_project:
-                self.input_proj.append(nn.Linear(in_channels, hidden_dim))
+                self.input_proj.append(self.make_input_proj(in_channels, hidden_dim))
                 weight_init.c2_xavier_fill(self.input_proj[-1])
             else:
                 self.input_proj.append(nn.Sequential())
@@ -219,6 +239,30 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
 
+    def attention_mask(self, level_prob):
+        """``b x Q x n_l`` mask probabilities -> ``b*heads x Q x n_l`` bool attention mask, True =
+        blocked (probability below ``attn_mask_threshold``)."""
+        return (level_prob < self.attn_mask_threshold).repeat_interleave(self.num_heads, dim=0)
+
+    def make_position_encoding(self, num_pos_feats):
+        raise NotImplementedError
+
+    def make_input_proj(self, in_channels, hidden_dim):
+        raise NotImplementedError
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
+    """AFF's decoder on token point clouds (``input_format = "tokens"``)."""
+
+    input_format = "tokens"
+
+    def make_position_encoding(self, num_pos_feats):
+        return PointPositionEmbeddingSine(num_pos_feats)
+
+    def make_input_proj(self, in_channels, hidden_dim):
+        return nn.Linear(in_channels, hidden_dim)
+
     def forward(self, x, pos, mask_features, mf_pos, mask=None, canvas_hw=None):
         """
         Args:
@@ -231,25 +275,23 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 ``mf_pos`` (a host read; the head passes the backbone's ``res2_spatial_shape``).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
-            ``aux_outputs`` (one such dict per earlier prediction).
+            ``aux_outputs`` (in training, one such dict per earlier prediction; empty in eval).
         """
         del mask
-        if len(x) != self.num_feature_levels:
-            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
         if canvas_hw is None:
             canvas_hw = self._canvas_size(mf_pos)
-        src, pos_emb = [], []
-        for i in range(self.num_feature_levels):
-            pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))  # n x b x c
-            src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
-
+        src, pos_emb = self._sources(x, pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
 
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-            output, mask_features, mf_pos, pos[0], canvas_hw)
+        # in inference only the last prediction's dense masks are used (aux_outputs feed the
+        # training losses): the others skip the b x Q x h x w canvas
+        outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
+            output, mask_features, mf_pos, level_neighbours[0], canvas_hw, self.training or self.num_layers == 0)
+        attn_mask = self.attention_mask(level_prob)
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
@@ -261,8 +303,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, src[level_index], memory_mask=attn_mask, pos=pos_emb[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, mf_pos, pos[(i + 1) % self.num_feature_levels], canvas_hw)
+            outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
+                output, mask_features, mf_pos, level_neighbours[(i + 1) % self.num_feature_levels], canvas_hw,
+                self.training or i == self.num_layers - 1)
+            attn_mask = self.attention_mask(level_prob)
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
@@ -271,8 +315,27 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_masks": predictions_mask[-1],
             "aux_outputs": [
                 {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
+            ] if self.training else [],
         }
+
+    def _sources(self, x, pos):
+        """The levels' keys/values ``n_l x b x c`` (projected, plus the level embedding) and their
+        sine position encodings ``n_l x b x c``, for the ``num_feature_levels`` inputs."""
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
+        src, pos_emb = [], []
+        for i in range(self.num_feature_levels):
+            pos_emb.append(self.pe_layer(pos[i]).transpose(0, 1))
+            src.append((self.input_proj[i](x[i]) + self.level_embed.weight[i][None, None, :]).transpose(0, 1))
+        return src, pos_emb
+
+    @staticmethod
+    @torch.no_grad()
+    def _level_neighbours(pos, mf_pos):
+        """Each level's attention masks are read off the res2 mask logits at the level's tokens:
+        one neighbour search per level (``shepard_neighbours``), shared by every layer that
+        attends to that level."""
+        return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos]
 
     @staticmethod
     def _canvas_size(mf_pos):
@@ -286,25 +349,28 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
         return h, w
 
-    def forward_prediction_heads(self, output, mask_features, mf_pos, target_pos, canvas_hw):
+    def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw, with_canvas=True):
         """
         Args:
             output: ``Q x b x c`` query features; mask_features: ``b x n x c``; mf_pos: ``b x n x 2``.
-            target_pos: ``b x n_l x 2`` positions of the level the next layer attends to.
+            target_neighbours: ``shepard_neighbours(level positions, mf_pos)`` of the level the
+                next layer attends to (``b x n_l x k`` indices and weights), or None when no
+                layer needs it.
             canvas_hw: (h, w) of the stride-4 canvas.
+            with_canvas: scatter the mask logits onto the canvas (else None is returned for them).
         Returns:
-            class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the attention
-            mask ``b*heads x Q x n_l`` (True = blocked), detached.
+            class logits ``b x Q x (K+1)``, dense mask logits ``b x Q x h x w`` and the mask
+            probabilities at the level's tokens ``b x Q x n_l`` float32, detached (None when
+            ``target_neighbours`` is None).
         """
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # b x Q x c
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
-        with torch.no_grad(), autocast_off(token_masks.device.type):
-            level_masks = shepard_interpolate(target_pos.float(), mf_pos.float(), token_masks.float().transpose(1, 2),
-                                              k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER)  # b x n_l x Q
-            attn_mask = level_masks.transpose(1, 2).sigmoid() < 0.5
-            attn_mask = attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
-        h, w = canvas_hw
-        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, h, w)  # b x Q x h x w
-        return outputs_class, outputs_mask, attn_mask
+        level_prob = None
+        if target_neighbours is not None:
+            with torch.no_grad(), autocast_off(token_masks.device.type):
+                level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
+                level_prob = level_masks.transpose(1, 2).sigmoid()
+        outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, *canvas_hw) if with_canvas else None
+        return outputs_class, outputs_mask, level_prob  # masks: b x Q x h x w

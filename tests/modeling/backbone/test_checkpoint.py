@@ -12,7 +12,7 @@ from torch import nn
 
 import aff_seg  # noqa: F401
 from aff_seg.modeling.backbone import AFF, AFF_SIZES
-from aff_seg.modeling.backbone.checkpoint import AFFCheckpointer, load_weights_file
+from aff_seg.checkpoint import AFFCheckpointer, load_weights_file
 from detectron2.checkpoint import DetectionCheckpointer
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -64,6 +64,9 @@ def build_fake_token_backbone(cfg, input_shape):
     return FakeTokenBackbone(channels=tuple(cfg.MODEL.AFF.EMBED_DIM), ds_rate=cfg.MODEL.AFF.DS_RATE)
 
 
+build_fake_token_backbone.output_format = "tokens"  # the heads take their point-cloud variants
+
+
 # ----------------------------------------------------------------------------------------------
 # configs
 

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake backbone first)
 
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher
-from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoder, grid_positions
-from aff_seg.modeling.point_utils import points_to_canvas
-from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder, PointPositionEmbeddingSine
+from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoderPc, grid_positions
+from aff_seg.modeling.point_utils import points_to_canvas, shepard_neighbours
+from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoderPc, PointPositionEmbeddingSine
 
 
 def test_position_encoding_layout():
@@ -99,7 +99,7 @@ def test_deformable_attention_gradients_reach_offsets_and_power():
 
 
 def small_decoder(num_classes=3, queries=5, dim=32, layers=4):
-    return MultiScaleMaskedTransformerDecoder(
+    return MultiScaleMaskedTransformerDecoderPc(
         dim, num_classes=num_classes, hidden_dim=dim, num_queries=queries, nheads=4, dim_feedforward=64,
         dec_layers=layers, pre_norm=False, mask_dim=dim, enforce_input_project=False)
 
@@ -113,7 +113,7 @@ def test_pixel_decoder_outputs():
     torch.manual_seed(0)
     feats = fake_features()
     shapes = FakeTokenBackbone().output_shape()
-    decoder = MSDeformAttnPixelDecoder(
+    decoder = MSDeformAttnPixelDecoderPc(
         shapes, transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=64,
         transformer_enc_layers=2, conv_dim=32, mask_dim=24, transformer_in_features=["res3", "res4", "res5"],
         common_stride=4, shepard_power=3.0, shepard_power_learnable=True)
@@ -138,12 +138,20 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     assert out["pred_masks"].shape == (b, 5, h, w)
     assert len(out["aux_outputs"]) == 4
     assert all(a["pred_masks"].shape == (b, 5, h, w) for a in out["aux_outputs"])
+    # inference needs the last prediction only: no auxiliary canvases, the same final outputs
+    eval_out = decoder.eval()(levels, poss, mask_features, feats["res2_pos"])
+    decoder.train()
+    assert eval_out["aux_outputs"] == []
+    assert torch.equal(eval_out["pred_masks"], out["pred_masks"])
+    assert torch.equal(eval_out["pred_logits"], out["pred_logits"])
 
     # the masks are the token logits scattered onto the canvas, and a level token's attention
     # mask is its own pixel's logit < 0 (the level tokens are res2 tokens)
     output = decoder.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
-    cls, masks, attn_mask = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], poss[1],
-                                                             (h, w))
+    neighbours = shepard_neighbours(poss[1], feats["res2_pos"], k=4, power=3.0)
+    cls, masks, level_prob = decoder.forward_prediction_heads(output, mask_features, feats["res2_pos"], neighbours,
+                                                              (h, w))
+    attn_mask = decoder.attention_mask(level_prob)
     tokens = decoder.mask_embed(decoder.decoder_norm(output).transpose(0, 1)) @ mask_features.transpose(1, 2)
     pos2 = feats["res2_pos"].long()
     torch.testing.assert_close(masks[0, :, pos2[0, 7, 1], pos2[0, 7, 0]], tokens[0, :, 7])

@@ -1,0 +1,242 @@
+"""SegFormer/BoostFormer checkpoints in the HuggingFace and NVlabs formats through MODEL.WEIGHTS and the converter.
+
+The checkpoints are written here from a model's own tensors under the original names, spelled out from the
+originals' module layouts (HuggingFace ``SegformerForSemanticSegmentation`` and BoostFormer's modification of
+it, NVlabs ``mix_transformer.py`` + ``segformer_head.py``), independently of the project's converter.
+"""
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import aff_seg  # noqa: F401
+from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.modeling.backbone.segformer_weights import convert, detect_format
+from detectron2.modeling import build_model
+
+from .segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg  # noqa: I100
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def tiny_model(family, seed=0, num_classes=5, encoder=None):
+    torch.manual_seed(seed)
+    encoder = encoder or (TINY_MIT if family == "mit" else TINY_BOOSTFORMER)
+    model = build_model(semantic_cfg(family, num_classes=num_classes, embed_dim=16, encoder=encoder))
+    # give the BatchNorm statistics non-default values so that a wrong mapping shows
+    for name, buffer in model.named_buffers():
+        if "running" in name:
+            buffer.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def hf_segformer_state(model):
+    """The model's tensors under HuggingFace SegFormer names (kv split into key and value)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if m := re.match(r"backbone\.patch_embed(\d)\.(proj|norm)\.(.*)", key):
+            part = "proj" if m[2] == "proj" else "layer_norm"
+            out[f"segformer.encoder.patch_embeddings.{int(m[1]) - 1}.{part}.{m[3]}"] = value
+        elif m := re.match(r"backbone\.norm(\d)\.(.*)", key):
+            out[f"segformer.encoder.layer_norm.{int(m[1]) - 1}.{m[2]}"] = value
+        elif m := re.match(r"backbone\.block(\d)\.(\d+)\.(.*)", key):
+            prefix = f"segformer.encoder.block.{int(m[1]) - 1}.{m[2]}."
+            rest = m[3]
+            if rest.startswith("attn.kv."):
+                key_half, value_half = value.chunk(2, dim=0)
+                out[prefix + "attention.self.key." + rest[8:]] = key_half
+                out[prefix + "attention.self.value." + rest[8:]] = value_half
+                continue
+            names = {"norm1.": "layer_norm_1.", "norm2.": "layer_norm_2.", "attn.q.": "attention.self.query.",
+                     "attn.sr.": "attention.self.sr.", "attn.norm.": "attention.self.layer_norm.",
+                     "attn.proj.": "attention.output.dense.", "mlp.fc1.": "mlp.dense1.",
+                     "mlp.fc2.": "mlp.dense2.", "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv."}
+            old = next(o for o in names if rest.startswith(o))
+            out[prefix + names[old] + rest[len(old):]] = value
+        elif key.startswith("sem_seg_head.norm."):
+            out["decode_head.batch_norm." + key[len("sem_seg_head.norm."):]] = value
+        else:
+            out["decode_head." + key[len("sem_seg_head."):]] = value
+    return out
+
+
+def hf_boostformer_state(model):
+    """The model's tensors under BoostFormer's HuggingFace names, with its unused linear_fuse."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            name = "segformer.encoder." + key[len("backbone."):]
+            name = name.replace(".attention.", ".attention.self.").replace(".mlp.mixconv.", ".mlp.dwconv.mixconv.")
+            if re.match(r"segformer\.encoder\.block\.[23]\.", name):  # the attention blocks' MixCFN
+                name = name.replace(".mlp.conv1.", ".mlp.conv_1.").replace(".mlp.conv2.", ".mlp.conv_2.")
+            out[name] = value
+        elif key.startswith("sem_seg_head.norm."):
+            out["decode_head.batch_norm." + key[len("sem_seg_head.norm."):]] = value
+        else:
+            out["decode_head." + key[len("sem_seg_head."):]] = value
+    dim = model.sem_seg_head.classifier.in_channels
+    out["decode_head.linear_fuse.weight"] = torch.randn(dim, 4 * dim, 1, 1)
+    return out
+
+
+def nvlabs_state(model):
+    """The model's tensors as an NVlabs/mmseg SegFormer checkpoint, with mmseg's unused conv_seg."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if m := re.match(r"sem_seg_head\.linear_c\.(\d)\.(.*)", key):
+            out[f"decode_head.linear_c{int(m[1]) + 1}.{m[2]}"] = value
+        elif key.startswith("sem_seg_head."):
+            rest = key[len("sem_seg_head."):]
+            for ours, theirs in (("linear_fuse.", "linear_fuse.conv."), ("norm.", "linear_fuse.bn."),
+                                 ("classifier.", "linear_pred.")):
+                if rest.startswith(ours):
+                    out["decode_head." + theirs + rest[len(ours):]] = value
+        else:
+            out[key] = value
+    out["decode_head.conv_seg.weight"] = torch.randn(5, 128, 1, 1)
+    out["decode_head.conv_seg.bias"] = torch.randn(5)
+    return out
+
+
+def assert_same_state(model, reference):
+    theirs = reference.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+
+
+def test_hf_segformer_key_names_round_trip():
+    model = tiny_model("mit")
+    state = hf_segformer_state(model)
+    # spot checks of the HuggingFace names themselves
+    assert "segformer.encoder.block.0.0.attention.self.key.weight" in state
+    assert "segformer.encoder.patch_embeddings.3.layer_norm.bias" in state
+    assert "decode_head.linear_c.2.proj.weight" in state and "decode_head.classifier.weight" in state
+    assert detect_format(state) == "hf_segformer"
+    converted, dropped = convert(state, "hf_segformer")
+    assert dropped == {}
+    reference = model.state_dict()
+    assert sorted(converted) == sorted(reference)
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
+def test_hf_boostformer_key_names_round_trip():
+    model = tiny_model("boostformer")
+    state = hf_boostformer_state(model)
+    assert "segformer.encoder.block.2.0.mlp.conv_1.weight" in state
+    assert "segformer.encoder.block.0.0.mlp.conv1.weight" in state
+    assert "segformer.encoder.block.1.0.mlp.dwconv.mixconv.conv_5.weight" in state
+    assert "segformer.encoder.block.3.0.attention.self.norm.weight" in state and "decode_head.weights" in state
+    assert detect_format(state) == "hf_boostformer"
+    converted, dropped = convert(state, "hf_boostformer")
+    assert list(dropped) == ["decode_head.linear_fuse.weight"]
+    reference = model.state_dict()
+    assert sorted(converted) == sorted(reference)
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
+def test_nvlabs_key_names_round_trip():
+    model = tiny_model("mit")
+    state = nvlabs_state(model)
+    assert "backbone.block1.0.attn.kv.weight" in state and "decode_head.linear_fuse.bn.running_var" in state
+    assert detect_format(state) == "nvlabs"
+    converted, dropped = convert(state, "nvlabs")
+    assert sorted(dropped) == ["decode_head.conv_seg.bias", "decode_head.conv_seg.weight"]
+    reference = model.state_dict()
+    assert sorted(converted) == sorted(reference)
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
+def test_own_checkpoints_are_no_user_format():
+    assert detect_format(tiny_model("mit").state_dict()) is None
+    assert detect_format(tiny_model("boostformer").state_dict()) is None
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("family", ["mit", "boostformer"])
+def test_hf_save_pretrained_directory_loads_through_model_weights(tmp_path, family, weights_file, caplog):
+    source = tiny_model(family, seed=1)
+    state = (hf_segformer_state if family == "mit" else hf_boostformer_state)(source)
+    state = {k: v.contiguous() for k, v in state.items()}
+    if weights_file.endswith(".safetensors"):
+        save_file(state, str(tmp_path / weights_file))
+    else:
+        torch.save(state, tmp_path / weights_file)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SegformerForSemanticSegmentation"],
+                                                      "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}))
+    model = tiny_model(family, seed=2)
+    with caplog.at_level(logging.INFO):
+        AFFCheckpointer(model).load(str(tmp_path))  # the directory, as from_pretrained takes it
+    assert_same_state(model, source)
+    assert "HuggingFace" in caplog.text and "SegformerForSemanticSegmentation" in caplog.text
+    image = [{"image": torch.rand(3, 64, 64) * 255}]
+    with torch.no_grad():
+        assert torch.equal(model(image)[0]["sem_seg"], source(image)[0]["sem_seg"])
+
+
+def test_nvlabs_checkpoint_loads(tmp_path):
+    source = tiny_model("mit", seed=1)
+    torch.save({"meta": {"CLASSES": ["a"] * 5}, "state_dict": nvlabs_state(source)}, tmp_path / "segformer.pth")
+    model = tiny_model("mit", seed=2)
+    AFFCheckpointer(model).load(str(tmp_path / "segformer.pth"))
+    assert_same_state(model, source)
+
+
+def test_imagenet_encoder_loads_into_the_backbone_alone(tmp_path, caplog):
+    source = tiny_model("mit", seed=1)
+    encoder = {k[len("backbone."):]: v for k, v in source.state_dict().items() if k.startswith("backbone.")}
+    encoder.update({"head.weight": torch.randn(1000, 32), "head.bias": torch.randn(1000)})
+    torch.save(encoder, tmp_path / "mit_b0.pth")
+    model = tiny_model("mit", seed=2)
+    head_before = {k: v.clone() for k, v in model.sem_seg_head.state_dict().items()}
+    with caplog.at_level(logging.INFO):
+        AFFCheckpointer(model).load(str(tmp_path / "mit_b0.pth"))
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+    assert all(torch.equal(v, head_before[k]) for k, v in model.sem_seg_head.state_dict().items())
+    assert "encoder only" in caplog.text and "head.weight" in caplog.text
+
+
+def test_another_size_or_family_stops_unless_partial_loading_is_allowed(tmp_path):
+    other = tiny_model("mit", seed=1, encoder={**TINY_MIT, "DEPTHS": [1, 2, 1, 1]})
+    torch.save(hf_segformer_state(other), tmp_path / "pytorch_model.bin")
+    model = tiny_model("mit", seed=2)
+    with pytest.raises(ValueError, match=r"depths \[1, 2, 1, 1\].*missing|depths \[1, 2, 1, 1\].*not in the model") as e:
+        AFFCheckpointer(model).load(str(tmp_path / "pytorch_model.bin"))
+    assert "backbone.block2.1.attn.q.weight" in str(e.value) and "MODEL.WEIGHTS_STRICT" in str(e.value)
+
+    before = model.backbone.block2[0].attn.q.weight.clone()
+    AFFCheckpointer(model, strict=False).load(str(tmp_path / "pytorch_model.bin"))
+    assert torch.equal(model.backbone.block2[0].attn.q.weight, other.backbone.block2[0].attn.q.weight)
+    assert not torch.equal(before, model.backbone.block2[0].attn.q.weight)
+
+    torch.save(hf_boostformer_state(tiny_model("boostformer", seed=3)), tmp_path / "boost.bin")
+    with pytest.raises(ValueError, match="BoostFormer") as e:
+        AFFCheckpointer(model).load(str(tmp_path / "boost.bin"))
+    assert "backbone.patch_embeddings.0.conv.weight" in str(e.value)
+
+
+def test_other_number_of_classes_names_the_classifier(tmp_path):
+    torch.save(hf_segformer_state(tiny_model("mit", num_classes=7)), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"sem_seg_head\.classifier\.weight: \(7, 16, 1, 1\) vs \(5, 16, 1, 1\)"):
+        AFFCheckpointer(tiny_model("mit")).load(str(tmp_path / "pytorch_model.bin"))
+
+
+def test_directory_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
+        AFFCheckpointer(tiny_model("mit")).load(str(tmp_path))
+
+
+def test_convert_tool_writes_a_detectron2_pkl(tmp_path):
+    spec = importlib.util.spec_from_file_location("convert_segformer", ROOT / "tools" / "convert-segformer-to-d2.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    source = tiny_model("boostformer", seed=1)
+    save_file({k: v.contiguous() for k, v in hf_boostformer_state(source).items()}, str(tmp_path / "model.safetensors"))
+    tool.main([str(tmp_path), str(tmp_path / "out.pkl")])
+    model = tiny_model("boostformer", seed=2)
+    AFFCheckpointer(model).load(str(tmp_path / "out.pkl"))
+    assert_same_state(model, source)
