@@ -10,6 +10,7 @@ relative offsets) is computed once per stage and shared by its blocks. Stage 1's
 full grid, identical for every image, so its clustering is computed for one image and
 broadcast. Nothing is cached between calls, so batch and canvas size may change freely.
 """
+import math
 
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,7 @@ def merge_count(n, ds_rate, reserve_num):
     (or 1), so that tiny inputs keep every reserved token.
 
     ``int(n * ds_rate)`` is computed as ``n * p // q`` with ``p / q`` the simplest fraction
-    equal to ``ds_rate`` up to float64 rounding (1/4, 1/5: the same for every n < 3e6, tested), so
+    equal to ``ds_rate`` up to float64 rounding (1/4, 1/5: the same for every n checked, up to 3e6), so
     that a symbolic n (``torch.export``) gives a plain integer expression.
     """
     ratio = Fraction(ds_rate).limit_denominator(1 << 10)

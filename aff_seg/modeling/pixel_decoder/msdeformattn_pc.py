@@ -26,7 +26,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 import clusten
 
-from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
+from ..point_utils import PointConv, autocast_off, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
 from ..variants import resolve_variant
 from .msdeformattn import MSDeformAttn, reset_encoder_parameters
