@@ -60,6 +60,17 @@ def _sort_as_topk(self, stable=None, dim=-1, descending=False):
     return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
 
 
+def _valid_sizes(backbone, example_size, lo, hi, div):
+    """For each input height ``lo..hi`` (step ``div``): the [min, max] width whose sizes take the
+    example's branches (global or local attention per stage), or None."""
+    pattern = backbone.global_attention(*example_size)
+    table = {}
+    for height in range(lo, hi + 1, div):
+        widths = [w for w in range(lo, hi + 1, div) if backbone.global_attention(height, w) == pattern]
+        table[str(height)] = [min(widths), max(widths)] if widths else None
+    return table
+
+
 def _input_range(program, divisibility):
     """(min, max) input side of the exported program, from its range constraints."""
     image = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "image")
@@ -81,7 +92,8 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
         model: the eager model; cfg: its config; fmt: "torch_export" or "onnx".
         example_size: (H, W) of the example input, multiples of the size divisibility; the
             graph is exact at every size that takes the same branches (global or local
-            attention per stage) as the example: model.json records the range.
+            attention per stage) as the example: model.json records the range and, per
+            height, the widths that do (``valid_widths``).
         config_file: recorded in model.json.
     Returns:
         the path of the model file.
@@ -121,6 +133,7 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
             "min_size": min_size,
             "max_size": max_size,
             "example_size": list(example_size),
+            "valid_widths": _valid_sizes(model.backbone, example_size, min_size, max_size, div),
             "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
             "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         },

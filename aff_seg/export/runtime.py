@@ -145,6 +145,7 @@ class ExportedModel:
     ``model.json`` holds ``config`` (the config file), ``format`` (torch_export / onnx),
     ``input`` (``format`` RGB/BGR, ``pixel_mean``, ``pixel_std``, ``size_divisibility``,
     ``min_size``/``max_size``: the input sizes (after padding) the graph was exported for,
+    ``valid_widths``: per height, the [min, max] width at which the exported graph is exact,
     ``min_size_test``/``max_size_test``: the test resize) and ``postprocess`` (see
     ``postprocess``).
 
@@ -193,6 +194,12 @@ class ExportedModel:
             raise ValueError(f"input size {h} x {w} is not a multiple of the size divisibility {div} (pad the image)")
         if min(h, w) < lo or max(h, w) > hi:
             raise ValueError(f"input size {h} x {w} is outside the exported range: each side in [{lo}, {hi}] pixels")
+        widths = self.input["valid_widths"].get(str(h))
+        if widths is None or not widths[0] <= w <= widths[1]:
+            example = "x".join(str(s) for s in self.input["example_size"])
+            raise ValueError(
+                f"input size {h} x {w} is outside the exported range: the graph exported at {example} takes other "
+                f"branches (global/local attention per stage) there; allowed widths for height {h}: {widths}")
 
     def raw(self, image):
         """Normalised, padded ``1 x C x H x W`` float32 -> dict of the graph outputs (``OUTPUT_NAMES``)."""

@@ -19,7 +19,7 @@ from torch import nn
 from ..point_utils import gather_points, relative_position_features
 from .attention import ClusterTransformerBlock
 from .clustering import cluster_neighbourhoods, space_filling_cluster
-from .merging import ClusterMerging, reserve_count
+from .merging import ClusterMerging, merge_count, reserve_count
 
 __all__ = ["AFF", "AFFStage", "PatchEmbed", "AFF_SIZES", "MIN_INPUT_SIZE"]
 
@@ -225,6 +225,18 @@ class AFF(nn.Module):
             ))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))
+
+    def global_attention(self, height, width):
+        """Which stages attend globally (``nbhd_size >= n``) for a ``height x width`` input: the
+        branches an exported graph is fixed to (a list of bool, one per stage)."""
+        h, w = -(-height // PATCH_SIZE), -(-width // PATCH_SIZE)
+        n, out = h * w, []
+        for i, stage in enumerate(self.layers):
+            out.append(stage.nbhd_size >= n)
+            if stage.downsample is not None:
+                reserve = reserve_count(h, w, 2 ** (i + 1)) if stage.downsample.reserve_on else 0
+                n = merge_count(n, stage.downsample.ds_rate, reserve)
+        return out
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
