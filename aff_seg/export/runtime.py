@@ -1,8 +1,9 @@
 """Run an exported segmentation model (a ``torch.export`` program or an ONNX file) and
 post-process its raw outputs exactly as the eager ``MaskFormer`` does.
 
-This module imports torch, numpy and detectron2 (structures, transforms, post-processing) and
-``onnxruntime`` for ONNX files, but nothing of aff_seg: it can be copied next to an exported
+This module imports torch and numpy (``onnxruntime`` for ONNX files; detectron2's structures
+for instance results and its transforms for ``ExportedPredictor``, when they are used), but
+nothing of aff_seg: it can be copied next to an exported
 model and used without the project. ``MaskFormer`` itself post-processes with the functions
 below, so the eager and exported paths share one implementation.
 
@@ -16,9 +17,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from detectron2.data import transforms as T
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import Boxes, Instances
 
 __all__ = [
     "MODEL_FILES", "SETTINGS_FILE", "OUTPUT_NAMES", "ExportedModel", "ExportedPredictor", "postprocess",
@@ -29,6 +27,14 @@ MODEL_FILES = {"torch_export": "model.pt2", "onnx": "model.onnx"}
 SETTINGS_FILE = "model.json"
 # the exported graph's outputs, in order: the mask classification and the kept tokens per stage
 OUTPUT_NAMES = ("pred_logits", "pred_masks", "res2_pos", "res3_pos", "res4_pos", "res5_pos")
+
+
+def sem_seg_postprocess(result, img_size, output_height, output_width):
+    """detectron2's ``sem_seg_postprocess``: crop ``C x H_pad x W_pad`` to the image inside the
+    padding, resize (bilinear) to the output size. Restated here because importing detectron2's
+    modeling needs its compiled extension (or aff_seg's compatibility fixes)."""
+    result = result[:, : img_size[0], : img_size[1]].expand(1, -1, -1, -1)
+    return F.interpolate(result, size=(output_height, output_width), mode="bilinear", align_corners=False)[0]
 
 
 def semantic_inference(mask_cls, mask_pred):
@@ -82,6 +88,8 @@ def instance_inference(mask_cls, mask_pred, settings):
     ``settings``: ``num_classes``, ``test_topk_per_image``, ``panoptic_on`` and ``thing_ids``
     (panoptic models report instances of thing classes only).
     """
+    from detectron2.structures import Boxes, Instances
+
     num_classes = settings["num_classes"]
     scores = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
     flat = scores.flatten(0, 1)
@@ -240,6 +248,10 @@ class ExportedPredictor:
     one result dict, with the test resize and input format of ``model.json``."""
 
     def __init__(self, directory, device="cpu"):
+        # imported here: detectron2 0.6's transforms need aff_seg's compatibility fixes with a
+        # current Pillow, which the demo (the caller) applies
+        from detectron2.data import transforms as T
+
         self.model = ExportedModel(directory, device)
         inp = self.model.input
         self.input_format = inp["format"]
