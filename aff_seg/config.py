@@ -190,7 +190,7 @@ def add_maskformer2_config(cfg):
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     # kept for config compatibility; the point-cloud decoder uses 4 points and
-    # MASK_FORMER.NHEADS heads (reference section 8.1)
+    # MASK_FORMER.NHEADS heads (as the original repository's decoder does)
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 

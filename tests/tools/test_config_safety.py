@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ADE_MINI, ROOT, import_script
+from .conftest import ADE_MINI, ROOT, import_script
 
 import aff_seg  # noqa: F401
 from aff_seg.config import ConfigError, load_config
