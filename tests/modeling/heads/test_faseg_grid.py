@@ -12,7 +12,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_sem_seg_head
 
 import aff_seg.modeling.matcher as matcher_module
-from aff_seg.checkpoint import AFFCheckpointer
+from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError
 from aff_seg.modeling.meta_arch import MaskFormerHeadFASeg
 from aff_seg.modeling.pixel_decoder import MSDeformAttnPixelDecoder4ScalesFASeg
 from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoderFASeg
@@ -43,20 +43,24 @@ def test_parameter_counts(faseg_r50):
 
 def test_upstream_mask2former_checkpoint_report(faseg_r50):
     """An upstream Mask2Former R50 state_dict: FASeg's new modules are missing and the decoder's
-    level embedding has 3 rows instead of 4; nothing else differs."""
+    level embedding has 3 rows instead of 4; nothing else differs (the strict load says so)."""
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(shape, generator=g) for k, shape in upstream_r50_keys().items()}
-    report = AFFCheckpointer(copy.deepcopy(faseg_r50))._load_model({"model": state, "__author__": "test"})
+    with pytest.raises(CheckpointMismatchError) as error:
+        AFFCheckpointer(copy.deepcopy(faseg_r50))._load_model({"model": state, "__author__": "test"})
+    report = str(error.value)
     pd, pr = "sem_seg_head.pixel_decoder", "sem_seg_head.predictor"
-    assert report.incorrect_shapes == [(f"{pr}.level_embed.weight", (3, 256), (4, 256))]
-    assert report.unexpected_keys == []
     expected = {f"{pd}.input_proj.3.{m}.{p}" for m in (0, 1) for p in ("weight", "bias")}
     expected |= {f"{pd}.pos_linear.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
     expected |= {f"{pr}.adapt_pos2d.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     expected |= {k for k in faseg_r50.state_dict() if k.startswith(f"{pr}.transformer_")
                  and int(k.split(".")[3]) >= 9}
     assert len(expected) == 16 + 4 * 18  # 4 new layers of 18 tensors each
-    assert set(report.missing_keys) - {f"{pr}.level_embed.weight"} == expected
+    assert f"{len(expected)} missing, 0 unexpected, 1 of another shape" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| sem_seg_head")}
+    assert {k for k, line in rows.items() if "missing in the file" in line} == expected
+    assert [k for k, line in rows.items() if "shape differs" in line] == [f"{pr}.level_embed.weight"]
+    assert "(3, 256)" in rows[f"{pr}.level_embed.weight"] and "(4, 256)" in rows[f"{pr}.level_embed.weight"]
 
 
 def small_decoder(**kwargs):
