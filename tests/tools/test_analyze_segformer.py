@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT  # noqa: I100
+from .conftest import ROOT  # noqa: I100
 
 # the READMEs' thop counts at 1x3x512x512, 150 classes (multiply-adds)
 PUBLISHED_GMACS = {

@@ -13,7 +13,7 @@ from aff_seg.modeling.backbone.mit import EfficientSelfAttention
 from aff_seg.modeling.meta_arch import BoostFormerHead
 from detectron2.modeling import ShapeSpec, build_model
 
-from segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg
+from .segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg
 
 # the published counts (ADE20K, 150 classes); BoostFormer without the original's unused linear_fuse
 PARAMETERS = {"b0": 3_752_694, "b1": 13_715_798, "b2": 27_461_974, "b3": 47_337_814, "b4": 64_108_374,
