@@ -60,3 +60,13 @@ def benchmark():
 @pytest.fixture(scope="session")
 def demo():
     return import_script("demo", "demo")
+
+
+@pytest.fixture(scope="session")
+def train_net():
+    return import_script("", "train_net")
+
+
+@pytest.fixture(scope="session")
+def convert_config():
+    return import_script("tools", "convert-config-safe")
