@@ -65,8 +65,3 @@ def demo():
 @pytest.fixture(scope="session")
 def train_net():
     return import_script("", "train_net")
-
-
-@pytest.fixture(scope="session")
-def convert_config():
-    return import_script("tools", "convert-config-safe")
