@@ -7,11 +7,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-<<<<<<< HEAD
-=======
-from .conftest import ADE_MINI, TINY_OPTS, import_script
-
->>>>>>> main
 import aff_seg
 from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError, LoadReport, check_load
 
