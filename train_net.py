@@ -14,14 +14,16 @@ creates no process group and waits on no barrier.
 import aff_seg  # noqa: F401  (compat fixes and registrations first)
 
 import logging
+import sys
 
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from aff_seg import load_config
+from aff_seg.config import ConfigError
 from aff_seg.checkpoint import AFFCheckpointer
-from aff_seg.engine import Trainer, launch, resolve_dist_backend, setup_run
+from aff_seg.engine import Trainer, check_run_inputs, launch, resolve_dist_backend, setup_run
 
 
 def build_cfg(args):
@@ -57,6 +59,10 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser()
     parser.add_argument(
+        "--verbose", action="store_true",
+        help="also print the full config and the model's structure (always in OUTPUT_DIR/log.txt)",
+    )
+    parser.add_argument(
         "--dist-backend",
         default="auto",
         choices=("auto", "nccl", "gloo"),
@@ -69,7 +75,12 @@ def argument_parser():
 def cli(argv=None):
     args = argument_parser().parse_args(argv)
     logging.getLogger(__name__).info(f"Command line arguments: {args}")
-    backend = resolve_dist_backend(args.dist_backend, build_cfg(args).MODEL.DEVICE)
+    try:  # a bad config, missing weights or data: one line, before any process or model starts
+        cfg = build_cfg(args)
+        check_run_inputs(cfg, train=not args.eval_only, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"train_net.py: error: {e}")
+    backend = resolve_dist_backend(args.dist_backend, cfg.MODEL.DEVICE)
     launch(
         main,
         args.num_gpus,

@@ -12,6 +12,8 @@
   An official Focal Transformer classification checkpoint (bare or under ``model``) is mapped
   the same way onto the model's ``FocalTransformer`` module, by name, with its own report of
   the new keys and of any key whose shape differs.
+  It writes checkpoints atomically (temporary file, then rename), and ``--resume`` falls back,
+  with a warning, to the newest complete checkpoint when the last one is truncated or corrupted.
 
   It also reads SegFormer and BoostFormer checkpoints as their users have them (``segformer_weights``):
   NVlabs/mmseg ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and HuggingFace ``save_pretrained``
@@ -28,12 +30,14 @@ table of them is logged). Resuming a training run (model plus trainer state) is 
 Checkpoints saved by ``AFFCheckpointer`` carry a SHA-256 of their model tensors
 (``tensor_checksum``), verified when they are read.
 """
+import glob
 import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +55,7 @@ __all__ = [
     "HF_WEIGHT_FILES",
     "LoadReport",
     "check_load",
+    "check_weights",
     "load_weights_file",
     "split_classification_checkpoint",
     "tensor_checksum",
@@ -197,6 +202,17 @@ def split_classification_checkpoint(state_dict):
     return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}, dropped
 
 
+def check_weights(path):
+    """Raise ``FileNotFoundError`` naming ``path`` when it is a local weights file that is
+    missing.  An empty path (random initialisation) and URLs (``https://``,
+    ``detectron2://`` ...) are left to detectron2's checkpointer."""
+    if path and "://" not in path and not os.path.isfile(path) and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS: weights file not found: {path}. Download it (MODEL_ZOO.md lists the "
+            "published ones), give its URL, or set MODEL.WEIGHTS \"\" to start from random weights"
+        )
+
+
 class AFFCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with code-free loading, classification checkpoints, strict
     loading (see the module doc) and tensor checksums.
@@ -209,9 +225,6 @@ class AFFCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
         self._restoring = ()
-
-    def save(self, name, **kwargs):
-        super().save(name, **{CHECKSUM_KEY: tensor_checksum(self.model.state_dict())}, **kwargs)
 
     def load(self, path, checkpointables=None):
         if path and os.path.isdir(path):  # a HuggingFace save_pretrained directory
@@ -329,3 +342,71 @@ class AFFCheckpointer(DetectionCheckpointer):
             if key.endswith(STEM_KEY):
                 return key[: -len(STEM_KEY)]
         raise ValueError(f"the model has no AFF backbone ('*{STEM_KEY}') to load a classification checkpoint into")
+
+    # -- writing and resuming ------------------------------------------------------------------
+
+    def save(self, name, **kwargs):
+        """detectron2's ``save`` plus the model tensors' checksum (``tensor_checksum``), atomic:
+        ``<name>.pth`` is written under a temporary name and renamed when complete, then
+        ``last_checkpoint`` is replaced the same way; a run killed while saving leaves the
+        previous checkpoint and ``last_checkpoint`` as they were."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data[CHECKSUM_KEY] = tensor_checksum(data["model"])
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _write_atomically(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _write_atomically(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def get_checkpoint_file(self):
+        """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names or, when
+        that file is truncated or corrupted, the newest complete ``model_*.pth`` saved before it
+        (with a warning).  Raises ``RuntimeError`` naming the file when there is none."""
+        last = super().get_checkpoint_file()
+        if _is_complete(last):
+            return last
+        earlier = [p for p in glob.glob(os.path.join(self.save_dir, "model_*.pth"))
+                   if _iteration_of(p) < _iteration_of(last)]
+        for candidate in sorted(earlier, key=_iteration_of, reverse=True):
+            if _is_complete(candidate):
+                logger.warning(f"checkpoint {last} is truncated or corrupted; resuming from {candidate} instead")
+                return candidate
+        raise RuntimeError(
+            f"checkpoint {last} (named in {os.path.join(self.save_dir, 'last_checkpoint')}) is truncated or "
+            f"corrupted, and no complete earlier model_*.pth is in {self.save_dir}: delete it to start over"
+        )
+
+
+def _write_atomically(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _is_complete(path):
+    """Whether ``path`` is a whole checkpoint file: ``torch.save`` writes a zip archive, whose
+    closing directory a truncated or overwritten file lacks."""
+    return os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def _iteration_of(path):
+    """``model_0000123.pth`` -> 123; ``model_final.pth`` (and other names) come after every number."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    number = stem[len("model_"):]
+    return int(number) if stem.startswith("model_") and number.isdigit() else float("inf")

@@ -17,6 +17,8 @@ tools) reads a config: YAML is parsed with ``yaml.safe_load`` only, in the file 
 falls back to ``yaml.unsafe_load``). The original configs' ``!!python/object/apply:eval`` lists
 are refused with the file and line; ``tools/convert-config-safe.py`` rewrites them as plain lists.
 """
+import difflib
+
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -66,13 +68,41 @@ def load_config(config_file=None, opts=()):
         a ``SafeCfgNode``, not frozen.
     Raises:
         ConfigError: the file, or a ``_BASE_`` it inherits, is empty, not a mapping, or holds
-            a tag that would run code.
+            a tag that would run code; a key (in the file or in ``opts``) does not exist (the
+            message names it, where it came from, and the closest existing keys).
     """
     cfg = SafeCfgNode(add_maskformer2_config(get_cfg()))
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    for source, merge, value in ((config_file, cfg.merge_from_file, config_file),
+                                 ("the command-line overrides", cfg.merge_from_list, list(opts))):
+        if not value:
+            continue
+        try:
+            merge(value)
+        except (KeyError, AssertionError) as e:  # yacs: KeyError from files, AssertionError from lists
+            raise _unknown_key_error(cfg, e, source) from None
     return cfg
+
+
+def _unknown_key_error(cfg, error, source):
+    """``ConfigError`` for yacs' unknown-key errors ("Non-existent config key: A.B" from a file,
+    "Non-existent key: A.B" from a list), with the keys that look alike; other errors are
+    returned unchanged."""
+    message = str(error.args[0]) if error.args else ""
+    prefixes = [p for p in ("Non-existent config key: ", "Non-existent key: ") if message.startswith(p)]
+    if not prefixes:
+        return error
+    key = message[len(prefixes[0]):]
+
+    def flat(node, path=""):
+        for name, value in node.items():
+            full = f"{path}{name}"
+            yield full
+            if isinstance(value, CN):
+                yield from flat(value, full + ".")
+
+    close = difflib.get_close_matches(key, list(flat(cfg)), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling against aff_seg/config.py"
+    return ConfigError(f"config key {key} (from {source}) does not exist: {hint}")
 
 
 def add_maskformer2_config(cfg):
@@ -98,7 +128,7 @@ def add_maskformer2_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # AMP dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16" (float16 uses a GradScaler)
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
-    # inference (aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
+    # inference (evaluation, aff_seg.Predictor, the demo) under autocast: "bfloat16" or "float16"
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.PRECISION = "bfloat16"
@@ -160,7 +190,7 @@ def add_maskformer2_config(cfg):
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     # kept for config compatibility; the point-cloud decoder uses 4 points and
-    # MASK_FORMER.NHEADS heads (reference section 8.1)
+    # MASK_FORMER.NHEADS heads (as the original repository's decoder does)
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 

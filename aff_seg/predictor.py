@@ -34,12 +34,12 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .checkpoint import AFFCheckpointer
+from .checkpoint import AFFCheckpointer, check_weights
 from .config import load_config
 from .evaluation import SlidingWindowInference
 from .solver import AMP_DTYPES
 
-__all__ = ["Predictor", "StageTokens", "VisualizationDemo", "check_weights", "draw_kept_tokens",
+__all__ = ["AutocastInference", "Predictor", "StageTokens", "VisualizationDemo", "as_float32", "draw_kept_tokens",
            "inference_autocast"]
 
 logger = logging.getLogger(__name__)
@@ -64,14 +64,6 @@ class StageTokens:
     num_tokens: int
     centers: np.ndarray
     cell: tuple
-
-
-def check_weights(path):
-    """Raise ``FileNotFoundError`` naming ``path`` when it is a local weights file that is
-    missing.  An empty path (random initialisation) and URLs (``https://``,
-    ``detectron2://`` ...) are left to detectron2's checkpointer."""
-    if path and "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.WEIGHTS: weights file not found: {path}")
 
 
 def inference_autocast(cfg):
@@ -102,6 +94,21 @@ def as_float32(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(as_float32(value) for value in outputs)
     return outputs
+
+
+class AutocastInference(torch.nn.Module):
+    """``model`` whose forward runs under ``inference_autocast(cfg)`` (``TEST.AMP``) and hands
+    back float32 outputs; what the evaluation runs with ``TEST.AMP.ENABLED``."""
+
+    def __init__(self, cfg, model):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with inference_autocast(self.cfg):
+            outputs = self.model(*args, **kwargs)
+        return as_float32(outputs)
 
 
 class Predictor(DefaultPredictor):

@@ -8,7 +8,8 @@
   Shepard powers and position-embedding linears included, gets ``WEIGHT_DECAY``.
   ``CLIP_GRADIENTS`` with ``CLIP_TYPE: full_model`` clips the L2 norm of all gradients together
   (detectron2 itself clips per parameter only); other clip types go to detectron2.
-* ``build_lr_scheduler``: ``WarmupPolyLR`` (DeepLab project) or detectron2's multistep/cosine.
+* ``build_lr_scheduler``: ``WarmupPolyLR`` (the DeepLab project's, whose length always follows
+  ``SOLVER.MAX_ITER``, see ``WarmupPolyLR``) or detectron2's multistep/cosine.
 * ``MixedPrecisionTrainer``: detectron2's training step under ``torch.autocast`` with the
   dtype of ``SOLVER.AMP.PRECISION`` (bfloat16 or float16) on any device; a gradient scaler is
   used for float16 only (bfloat16 has float32's exponent range).
@@ -18,6 +19,7 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.projects.deeplab import build_lr_scheduler as _build_deeplab_lr_scheduler
+from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR as _DeepLabWarmupPolyLR
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "build_optimizer",
     "build_lr_scheduler",
     "MixedPrecisionTrainer",
+    "WarmupPolyLR",
 ]
 
 NORM_MODULE_TYPES = (
@@ -95,8 +98,45 @@ def build_optimizer(cfg, model):
     return maybe_add_gradient_clipping(cfg, optimizer_type)(groups, cfg.SOLVER.BASE_LR, **kwargs)
 
 
+class WarmupPolyLR(_DeepLabWarmupPolyLR):
+    """The DeepLab project's warmup + poly schedule, ``lr(t) = base * (1 - t / max_iters)^power``,
+    with two changes for resuming:
+
+    * ``max_iters`` is the config's ``SOLVER.MAX_ITER`` also after loading a checkpoint (the
+      checkpoint's value is ignored), so ``--resume`` with a larger ``MAX_ITER`` continues on the
+      longer schedule: from the resumed iteration t the rate is ``base * (1 - t / MAX_ITER)^power``
+      (higher than the shorter run had at t; warmup is not repeated);
+    * past ``max_iters`` the rate is 0 instead of a math domain error.
+    """
+
+    def load_state_dict(self, state_dict):
+        max_iters = self.max_iters
+        super().load_state_dict(state_dict)
+        self.max_iters = max_iters
+        # the rate of the resumed iteration on this schedule, also in the optimizer (load the
+        # optimizer's state first: it holds the rates of the run that saved it)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+    def get_lr(self):
+        if self.last_epoch >= self.max_iters:
+            return [0.0 for _ in self.base_lrs]
+        return super().get_lr()
+
+
 def build_lr_scheduler(cfg, optimizer):
     """``WarmupPolyLR`` (power ``SOLVER.POLY_LR_POWER``) or detectron2's schedules."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
+        return WarmupPolyLR(
+            optimizer,
+            cfg.SOLVER.MAX_ITER,
+            warmup_factor=cfg.SOLVER.WARMUP_FACTOR,
+            warmup_iters=cfg.SOLVER.WARMUP_ITERS,
+            warmup_method=cfg.SOLVER.WARMUP_METHOD,
+            power=cfg.SOLVER.POLY_LR_POWER,
+            constant_ending=cfg.SOLVER.POLY_LR_CONSTANT_ENDING,
+        )
     return _build_deeplab_lr_scheduler(cfg, optimizer)
 
 

@@ -1,6 +1,6 @@
 """Exact 2-D k-nearest neighbours by bucketing the database into square cells.
 
-Same results as :func:`clusten.knn` (spec section 15.1: float32 positions, squared
+Same results as :func:`clusten.knn` (docs/reproducibility.md: float32 positions, squared
 distances ``dx*dx + dy*dy`` in float64, ties to the lower database index, nearest first), found
 by looking only at the cells around each query instead of the whole database.
 

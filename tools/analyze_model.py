@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aff_seg  # noqa: E402  (compat fixes before detectron2)
 import clusten.flops  # noqa: E402
-from aff_seg.checkpoint import AFFCheckpointer  # noqa: E402
+from aff_seg.checkpoint import AFFCheckpointer, check_weights  # noqa: E402
+from aff_seg.config import ConfigError  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.export import TracingAdapter  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -267,7 +268,11 @@ def main(argv=None):
     setup_logger(name="aff_seg")
     if args.num_inputs < 1:
         raise ValueError(f"--num-inputs must be >= 1, got {args.num_inputs}")
-    cfg = setup_cfg(args.config_file, args.opts)
+    try:  # one line naming the key or file, before the model is built
+        cfg = setup_cfg(args.config_file, args.opts)
+        check_weights(cfg.MODEL.WEIGHTS)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"analyze_model.py: error: {e}")
     model = build_loaded_model(cfg)
     model.eval()
     results = {"config_file": args.config_file}

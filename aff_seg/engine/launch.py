@@ -1,14 +1,61 @@
-"""Processes of a run: setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
+"""Processes of a run: input checks, setup (loggers, config dump, seeds) and the launcher (NCCL or gloo)."""
 import datetime
+import logging
 import os
+import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["launch", "resolve_dist_backend", "setup_run"]
+from ..checkpoint import check_weights
+from ..config import ConfigError
+from ..data.datasets import check_dataset_exists
+
+__all__ = ["check_run_inputs", "launch", "resolve_dist_backend", "setup_run"]
+
+# evaluator types whose classes are the "thing" classes (the others: stuff_classes)
+_INSTANCE_EVALUATORS = ("coco", "lvis", "cityscapes_instance")
+
+
+def check_run_inputs(cfg, train=True, resume=False):
+    """Stop, before anything is built, on a run input that is missing or does not fit:
+
+    * ``MODEL.WEIGHTS`` names a local file that does not exist (not checked when ``resume``
+      continues from ``OUTPUT_DIR/last_checkpoint``);
+    * a dataset of ``DATASETS.TRAIN`` (when ``train``) or ``DATASETS.TEST`` is not registered
+      or its files are missing (``check_dataset_exists`` says how to create them);
+    * ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` differs from the dataset's class count.
+
+    Raises:
+        FileNotFoundError or ConfigError, with one message naming the file or key.
+    """
+    if not (resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        check_weights(cfg.MODEL.WEIGHTS)
+    for name in (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST):
+        try:
+            check_dataset_exists(name)
+        except KeyError as e:
+            raise ConfigError(f"DATASETS: {e.args[0]}") from None
+        check_num_classes(cfg, name)
+
+
+def check_num_classes(cfg, dataset_name):
+    """``ConfigError`` when ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` differs from the number of
+    classes of ``dataset_name`` (its ``thing_classes`` for instance segmentation, else its
+    ``stuff_classes``; not checked when the metadata has neither)."""
+    metadata = MetadataCatalog.get(dataset_name)
+    key = "thing_classes" if metadata.get("evaluator_type") in _INSTANCE_EVALUATORS else "stuff_classes"
+    classes = metadata.get(key)
+    if classes is not None and len(classes) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+        raise ConfigError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}, but dataset {dataset_name!r} "
+            f"has {len(classes)} classes ({key}): set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}"
+        )
 
 
 def _environment_summary():
@@ -28,6 +75,10 @@ def setup_run(cfg, args):
     rank), the arguments and full config logged, ``config.yaml`` saved, RNGs seeded with
     ``SEED + rank`` (``SEED < 0``: random).
 
+    The console gets INFO and above; the full config, the model's repr (logged by the
+    trainer) and the evaluators' per-class results are DEBUG lines, written to ``log.txt``
+    only, or also to the console when ``args.verbose``.
+
     It differs in one point: the environment summary does not come from detectron2's
     ``collect_env_info``, which needs the C++ extension this installation lacks.
     """
@@ -37,9 +88,16 @@ def setup_run(cfg, args):
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     rank = comm.get_rank()
-    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
-    setup_logger(output_dir, distributed_rank=rank, name="aff_seg")
-    logger = setup_logger(output_dir, distributed_rank=rank)
+    console_level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    for name in ("fvcore", "aff_seg", "detectron2"):
+        for handler in setup_logger(output_dir, distributed_rank=rank, name=name).handlers:
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):  # the console, not log.txt
+                handler.setLevel(console_level)
+    for name in _PER_CLASS_LOGGERS:
+        per_class = logging.getLogger(name)
+        if not any(isinstance(f, _PerClassToDebug) for f in per_class.filters):
+            per_class.addFilter(_PerClassToDebug())
+    logger = logging.getLogger("detectron2")
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     logger.info(f"Environment: {_environment_summary()}")
     logger.info(f"Command line arguments: {args}")
@@ -47,10 +105,39 @@ def setup_run(cfg, args):
         path = os.path.join(output_dir, "config.yaml")
         with open(path, "w") as f:
             f.write(cfg.dump())
-        logger.info(f"Running with full config:\n{cfg.dump()}\nsaved to {path}")
+        logger.info(f"Full config saved to {path}")
+        logger.debug(f"Running with full config:\n{cfg.dump()}")
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+# detectron2 evaluators that log per-class results at INFO
+_PER_CLASS_LOGGERS = ("detectron2.evaluation.sem_seg_evaluation", "detectron2.evaluation.coco_evaluation",
+                      "detectron2.evaluation.lvis_evaluation")
+
+
+class _PerClassToDebug(logging.Filter):
+    """Turns an evaluator's per-class output (``SemSegEvaluator``'s whole results dict, the
+    per-category AP tables) into a DEBUG record, with numpy scalars written as plain numbers;
+    the summary still reaches the console through detectron2's ``copypaste`` lines."""
+
+    def filter(self, record):
+        if isinstance(record.msg, dict) or str(record.msg).startswith("Per-category"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg = plain_numbers(record.msg)
+        return True
+
+
+def plain_numbers(value):
+    """``value`` with numpy scalars (inside dicts, lists, tuples) as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, plain_numbers(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value)
+    return value
 
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 import torch
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -28,7 +29,9 @@ from ..checkpoint import AFFCheckpointer
 from ..data.build import build_train_loader
 from ..evaluation import SemanticSegmentorWithTTA, SlidingWindowInference, build_evaluator
 from ..solver import MixedPrecisionTrainer, build_lr_scheduler, build_optimizer
+from ..predictor import AutocastInference
 from .hooks import IterationSeed
+from .launch import plain_numbers
 
 __all__ = ["Trainer"]
 
@@ -79,15 +82,24 @@ class Trainer(DefaultTrainer):
         return state
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # the optimizer first: the LR scheduler (a hook) then sets the rates of its schedule,
+        # which may be longer than the saved run's (SOLVER.MAX_ITER raised on --resume)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        super().load_state_dict(state_dict)
 
     def build_hooks(self):
         hooks = super().build_hooks()
         if self.cfg.SEED >= 0:
             hooks.insert(0, IterationSeed(self.cfg.SEED))
         return hooks
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's ``build_model``; its repr goes to the log file (DEBUG), not the console."""
+        model = build_model(cfg)
+        logging.getLogger(__name__).debug(f"Model:\n{model}")
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):
@@ -112,6 +124,14 @@ class Trainer(DefaultTrainer):
         if cfg.TEST.SLIDING_WINDOW.ENABLED and not isinstance(model, SemanticSegmentorWithTTA):
             model = SlidingWindowInference.from_config(cfg, model)
         return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test``; with ``TEST.AMP.ENABLED`` the model runs under bf16/fp16
+        autocast (outputs handed to the evaluators in float32); metrics as plain numbers."""
+        if cfg.TEST.AMP.ENABLED:
+            model = AutocastInference(cfg, model)
+        return plain_numbers(super().test(cfg, model, evaluators))
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

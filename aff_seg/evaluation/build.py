@@ -3,7 +3,6 @@ import os
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -11,6 +10,8 @@ from detectron2.evaluation import (
     LVISEvaluator,
     SemSegEvaluator,
 )
+
+from .cityscapes import CityscapesInstanceEvaluator
 
 __all__ = ["build_evaluator"]
 
@@ -21,7 +22,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     sem_seg -> SemSegEvaluator; coco -> COCOEvaluator (segm, pure-Python COCOeval); lvis ->
     LVISEvaluator (segm); coco_panoptic_seg / cityscapes_panoptic_seg -> the panoptic evaluator
     plus instance and semantic ones for each ``MODEL.MASK_FORMER.TEST.*_ON`` that is set;
-    cityscapes_instance / cityscapes_sem_seg -> cityscapesscripts' evaluators.
+    cityscapes_instance / cityscapes_sem_seg -> cityscapesscripts' evaluators (the instance one
+    writes its matches into ``output_folder``).
     Instance masks are scored as ``segm`` only: the model's boxes are placeholders.
     """
     if output_folder is None:
@@ -40,7 +42,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     elif evaluator_type == "lvis":
         evaluators.append(LVISEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
     elif evaluator_type == "cityscapes_instance":
-        evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+        evaluators.append(CityscapesInstanceEvaluator(dataset_name, output_folder))
     elif evaluator_type == "cityscapes_sem_seg":
         evaluators.append(CityscapesSemSegEvaluator(dataset_name))
     elif evaluator_type == "coco_panoptic_seg":
@@ -56,7 +58,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         if test.SEMANTIC_ON:
             evaluators.append(CityscapesSemSegEvaluator(dataset_name))
         if test.INSTANCE_ON:
-            evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+            evaluators.append(CityscapesInstanceEvaluator(dataset_name, output_folder))
     if not evaluators:
         raise NotImplementedError(
             f"no evaluator for dataset {dataset_name!r} of evaluator_type {evaluator_type!r} "

@@ -9,7 +9,7 @@ import torch
 
 import clusten
 from clusten import backends, build
-from clusten_op_inputs import OPS, op_inputs
+from .clusten_op_inputs import OPS, op_inputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -33,7 +33,7 @@ def _inputs(b=1, h=2, n=10, n_src=None, c=8, m=12, masked=True, dtype=torch.floa
 
 
 def _naive(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v):
-    """Query by query, head by head, in float64, straight from spec section 3.3."""
+    """Query by query, head by head, in float64, straight from the paper's attention formula (docs/aff.md)."""
     b, h, n, c = query.shape
     out = torch.zeros(b, h, n, c, dtype=torch.float64)
     for bi in range(b):

@@ -89,3 +89,19 @@ def test_bad_input_names_the_argument():
         clusten.ms_deform_attn(value, SHAPES, loc, weights[:, :, :1])
     with pytest.raises(ValueError, match="levels"):
         clusten.ms_deform_attn(value, SHAPES[:1], loc, weights)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+def test_cuda_matches_cpu(dtype, tol):
+    value, loc, weights = inputs(dtype)
+    args = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+    cuda_args = [t.detach().cuda().requires_grad_(True) for t in args]
+    out = clusten.ms_deform_attn(args[0], SHAPES, args[1], args[2])
+    out_cuda = clusten.ms_deform_attn(cuda_args[0], SHAPES, cuda_args[1], cuda_args[2])
+    torch.testing.assert_close(out_cuda.cpu(), out, rtol=tol, atol=tol)
+    out.float().sum().backward()
+    out_cuda.float().sum().backward()
+    for cpu, gpu in zip(args, cuda_args):
+        torch.testing.assert_close(gpu.grad.cpu(), cpu.grad, rtol=tol, atol=tol)

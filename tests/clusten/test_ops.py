@@ -4,7 +4,7 @@ import torch
 
 import clusten
 from clusten import reference
-from clusten_op_inputs import op_inputs
+from .clusten_op_inputs import op_inputs
 
 B, H, N, N_SRC, M, C, IC, K = 2, 3, 5, 6, 4, 3, 2, 3
 

@@ -53,7 +53,7 @@ def test_custom_ops_match_the_hand_count(analyze_model):
 @pytest.mark.parametrize("fused", [False, True])
 def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config, fused):
     """Cluster attention and KNN searches of the tiny AFF backbone on a 64 x 64 input,
-    counted from the spec's stage rules (sections 1.4, 1.6, 4): unfused, the attention logits
+    counted from the stage rules of docs/aff.md: unfused, the attention logits
     are the ``gather_dot`` op; fused, one op does logits, weighted sum and blank token."""
     from detectron2.modeling import build_backbone
 

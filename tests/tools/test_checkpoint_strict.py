@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import ADE_MINI, TINY_OPTS, import_script
+from .conftest import ADE_MINI, TINY_OPTS, import_script
 
 import aff_seg
 from aff_seg.checkpoint import AFFCheckpointer, CheckpointMismatchError, LoadReport, check_load

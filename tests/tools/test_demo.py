@@ -28,7 +28,7 @@ def _write_image(path, height, width, seed):
 
 
 def _expected_token_counts(height, width, min_size=64, max_size=128, divisibility=32):
-    """Tokens per stage (spec 1.6) for an image the predictor resizes to ``min_size`` on its
+    """Tokens per stage (docs/aff.md) for an image the predictor resizes to ``min_size`` on its
     shortest edge and the model pads to a multiple of ``divisibility``."""
     scale = min(min_size / min(height, width), max_size / max(height, width))
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from .conftest import ROOT
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import torch
 
-from conftest import ROOT
+from .conftest import ROOT
 
 GRID = os.path.join(ROOT, "configs/synthetic/ade20k_semantic_grid.yaml")
 # 32-wide heads, 2 heads, 2 encoder layers (the config's), one decoder layer per level

@@ -6,7 +6,7 @@ from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import PathHandler
 
 from aff_seg import Predictor
-from aff_seg.predictor import check_weights
+from aff_seg.checkpoint import check_weights
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
 

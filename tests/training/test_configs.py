@@ -39,6 +39,15 @@ def test_the_published_models_are_all_there():
             assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_{size}_bs32_45k.yaml" in names
         assert f"cityscapes/{task}-segmentation/aff/maskformer2_aff_base_384_bs16_90k.yaml" in names
     assert "coco/panoptic-segmentation/aff/maskformer2_aff_mini_bs64_50ep.yaml" in names
+    ade = "ade20k/semantic-segmentation/"
+    mask2former = [ade + "maskformer2_R101_bs16_90k.yaml"] + [
+        ade + f"swin/maskformer2_swin_{size}.yaml"
+        for size in ("tiny_bs16_160k", "small_bs16_160k", "base_384_bs16_160k_res640",
+                     "base_IN21k_384_bs16_160k_res640", "large_IN21k_384_bs16_160k_res640")
+    ] + [f"cityscapes/{task}-segmentation/swin/maskformer2_swin_tiny_bs16_90k.yaml"
+         for task in ("semantic", "instance", "panoptic")] + [
+        f"coco/{task}-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml" for task in ("instance", "panoptic")]
+    assert set(mask2former) <= names
     for r50 in ("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml",
                 "cityscapes/instance-segmentation/maskformer2_R50_bs16_90k.yaml",
                 "coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"):
@@ -59,7 +68,7 @@ def test_config_is_safe_yaml_and_merges(path):
 
 
 def test_values_follow_the_original():
-    """Spot checks against reference section 8.2."""
+    """Spot checks against the original repository's configs."""
     ade = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/aff/maskformer2_aff_mini_1_5th_bs32_80k.yaml"))
     assert (ade.SOLVER.IMS_PER_BATCH, ade.SOLVER.BASE_LR, ade.SOLVER.MAX_ITER) == (32, 2e-4, 80000)
     assert ade.MODEL.AFF.DS_RATE == 0.2 and ade.MODEL.AFF.NUM_HEADS == [2, 4, 8, 16]
@@ -82,6 +91,14 @@ def test_values_follow_the_original():
 
     r50 = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"))
     assert r50.MODEL.BACKBONE.NAME == "build_resnet_backbone" and r50.MODEL.RESNETS.DEPTH == 50
+    swin = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/swin/"
+                               "maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml"))
+    assert swin.MODEL.BACKBONE.NAME == "D2SwinTransformer" and swin.MODEL.SWIN.EMBED_DIM == 192
+    assert swin.MODEL.SWIN.NUM_HEADS == [6, 12, 24, 48] and swin.MODEL.SWIN.WINDOW_SIZE == 12
+    assert swin.MODEL.SWIN.PRETRAIN_IMG_SIZE == 384 and swin.MODEL.WEIGHTS == "swin_large_patch4_window12_384_22k.pkl"
+    assert swin.INPUT.MIN_SIZE_TRAIN == tuple(int(x * 0.1 * 640) for x in range(5, 21))
+    assert swin.INPUT.CROP.SIZE == [640, 640] and swin.INPUT.SIZE_DIVISIBILITY == 640
+    assert swin.MODEL.MASK_FORMER.DEC_LAYERS == 10 and swin.SOLVER.MAX_ITER == 160000
     tokens = merged(os.path.join(CONFIGS, "ade20k/semantic-segmentation/maskformer2_R50_tokens_bs16_160k.yaml"))
     assert tokens.MODEL.BACKBONE.NAME == "D2ResNetTokens" and tokens.MODEL.RESNETS.DEPTH == 50
 

@@ -93,6 +93,33 @@ def test_poly_and_multistep_schedules():
     assert lrs == pytest.approx([0.01] * 3 + [0.001] * 3 + [0.0001] * 2)
 
 
+def test_poly_schedule_resumed_with_a_larger_max_iter_continues_on_the_longer_curve():
+    """A 10-iteration poly run saved at iteration 6, resumed with MAX_ITER 20: the rate at t is
+    base * (1 - t / 20)^0.9, also past the old end (where the unchanged schedule took a
+    negative number to a fractional power: math domain error)."""
+    model = Toy()
+    opts = ("SOLVER.LR_SCHEDULER_NAME", "WarmupPolyLR", "SOLVER.WARMUP_ITERS", "0", "SOLVER.POLY_LR_POWER", "0.9")
+    short = solver_cfg(*opts, "SOLVER.MAX_ITER", "10")
+    optimizer = build_optimizer(short, model)
+    scheduler = build_lr_scheduler(short, optimizer)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    saved = scheduler.state_dict()
+
+    longer = solver_cfg(*opts, "SOLVER.MAX_ITER", "20")
+    optimizer = build_optimizer(longer, model)
+    scheduler = build_lr_scheduler(longer, optimizer)
+    scheduler.load_state_dict(saved)
+    for t in range(6, 20):
+        assert hyperparams_of(optimizer, model.head.bias)[0] == pytest.approx(0.01 * (1 - t / 20) ** 0.9), t
+        optimizer.step()
+        scheduler.step()
+    optimizer.step()
+    scheduler.step()  # one step past the end: 0, not an error
+    assert hyperparams_of(optimizer, model.head.bias)[0] == 0.0
+
+
 class LossModel(nn.Module):
     def __init__(self):
         super().__init__()

@@ -68,12 +68,17 @@ class _KillAfter(HookBase):
             raise _Interrupt()
 
 
-def test_kill_and_resume_ends_with_the_uninterrupted_weights(registered_root, tmp_path):
+@pytest.mark.parametrize("task", ["ade20k_semantic", "coco_panoptic", "coco_instance", "cityscapes_panoptic"])
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_root, tmp_path):
+    """With the shipped aspect-ratio grouping on (images of both orientations in the ADE and
+    COCO sets), for every config family."""
     schedule = ["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
-                "MODEL.AFF.DROP_PATH_RATE", "0.2", "INPUT.COLOR_AUG_SSD", "True"]
-    reference = train(tiny_cfg("ade20k_semantic", tmp_path / "uninterrupted", *schedule))
+                "MODEL.AFF.DROP_PATH_RATE", "0.2", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
+    if task == "ade20k_semantic":
+        schedule += ["INPUT.COLOR_AUG_SSD", "True"]
+    reference = train(tiny_cfg(task, tmp_path / "uninterrupted", *schedule))
 
-    cfg = tiny_cfg("ade20k_semantic", tmp_path / "interrupted", *schedule)
+    cfg = tiny_cfg(task, tmp_path / "interrupted", *schedule)
     with pytest.raises(_Interrupt):
         train(cfg, extra_hooks=[_KillAfter(2)])  # iterations 0-2 ran; the checkpoint is of iteration 1
     assert (tmp_path / "interrupted" / "last_checkpoint").read_text().strip() == "model_0000001.pth"
@@ -125,6 +130,35 @@ def test_two_cpu_processes_train_and_evaluate_with_gloo(gloo_run):
     assert os.path.isfile(out / "model_final.pth")
     assert "World size: 2" in (out / "log.txt.rank1").read_text()
     assert math.isfinite(_copypaste_metrics((out / "log.txt").read_text())["mIoU"])
+
+
+def test_console_is_quiet_and_the_details_go_to_log_txt(gloo_run):
+    """No config dump, model repr or per-class dict on the console (they are in log.txt), and
+    metrics as plain numbers."""
+    out, log = gloo_run
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail not in log
+    assert "np.float64" not in log
+    assert len(log.splitlines()) < 60, log
+    details = (out / "log.txt").read_text()
+    for detail in ("Running with full config", "MaskFormer(", "'mIoU'"):
+        assert detail in details
+    assert "np.float64" not in details
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_evaluation_under_test_amp(precision, registered_root, tmp_path):
+    """TEST.AMP: the evaluation runs the model in low precision and scores like fp32."""
+    cfg = tiny_cfg("ade20k_semantic", tmp_path)
+    model = Trainer.build_model(cfg)
+    fp32 = Trainer.test(cfg, model)
+    amp_cfg = tiny_cfg("ade20k_semantic", tmp_path, "TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", precision)
+    dtypes = []
+    model.sem_seg_head.predictor.register_forward_hook(lambda m, i, out: dtypes.append(out["pred_masks"].dtype))
+    amp = Trainer.test(amp_cfg, model)
+    assert set(dtypes) == {getattr(torch, precision)}
+    assert type(amp["sem_seg"]["mIoU"]) is float
+    assert amp["sem_seg"]["mIoU"] == pytest.approx(fp32["sem_seg"]["mIoU"], abs=1.0)
 
 
 def test_eval_only_reproduces_the_final_evaluation(gloo_run, synthetic_root, tmp_path):

@@ -13,6 +13,7 @@ __all__ = [
     "MaskFormerSemanticDatasetMapper",
     "TRAIN_MAPPERS",
     "build_train_mapper",
+    "label_classes",
 ]
 
 # INPUT.DATASET_MAPPER_NAME -> mapper class
@@ -23,6 +24,13 @@ TRAIN_MAPPERS = {
     "coco_instance_lsj": COCOInstanceNewBaselineDatasetMapper,
     "coco_panoptic_lsj": COCOPanopticNewBaselineDatasetMapper,
 }
+
+
+def label_classes(mapper_name):
+    """The metadata list (``thing_classes`` or ``stuff_classes``) that the targets of the mapper
+    ``mapper_name`` index: instance mappers label the things only, the others every class."""
+    mapper = TRAIN_MAPPERS.get(mapper_name)
+    return mapper.label_classes if mapper is not None else "stuff_classes"
 
 
 def build_train_mapper(cfg):

@@ -15,6 +15,8 @@ class COCOInstanceNewBaselineDatasetMapper(LargeScaleJitterMapper):
     (gt_classes, gt_masks S x S, gt_boxes tight around the cropped masks).
     """
 
+    label_classes = "thing_classes"
+
     def __call__(self, dataset_dict):
         dataset_dict, transforms, original_shape = self.read_and_augment(dataset_dict)
         image_shape = dataset_dict["image"].shape[1:]

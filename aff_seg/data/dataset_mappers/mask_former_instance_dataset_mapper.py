@@ -27,6 +27,9 @@ class MaskFormerInstanceDatasetMapper:
     (gt_classes, gt_masks padded with 0).
     """
 
+    #: the metadata list the ``gt_classes`` of its targets index
+    label_classes = "thing_classes"
+
     @configurable
     def __init__(self, is_train=True, *, augmentations, image_format, size_divisibility):
         """

@@ -29,6 +29,9 @@ class MaskFormerSemanticDatasetMapper:
     ``instances`` (one mask per class in the crop, the ignore label excluded).
     """
 
+    #: the metadata list the ``gt_classes`` of its targets index
+    label_classes = "stuff_classes"
+
     @configurable
     def __init__(self, is_train=True, *, augmentations, image_format, ignore_label, size_divisibility):
         """

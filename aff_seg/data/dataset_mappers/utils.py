@@ -88,6 +88,9 @@ class LargeScaleJitterMapper:
     """What the two LSJ mappers (``coco_instance_lsj``, ``coco_panoptic_lsj``) share: read the
     image, apply the large-scale-jitter augmentations; subclasses add their targets."""
 
+    #: the metadata list the ``gt_classes`` of its targets index (panoptic: every class)
+    label_classes = "stuff_classes"
+
     @configurable
     def __init__(self, is_train=True, *, tfm_gens, image_format):
         """

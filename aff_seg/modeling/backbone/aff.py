@@ -1,9 +1,9 @@
 """The AutoFocusFormer backbone as a plain ``nn.Module`` (no detectron2).
 
-Reference: ``shared/spec/aff-reference.md`` section 1. Stem -> 4 stages; each stage clusters its
+See docs/aff.md and the paper (AutoFocusFormer, CVPR 2023). Stem -> 4 stages; each stage clusters its
 tokens along a space-filling curve, runs cluster-attention blocks over the nearest clusters and
 (stages 1-3) keeps a quarter of the tokens by adaptive downsampling. Parameter names and shapes
-are those of the official checkpoints (section 11).
+are those of the official checkpoints (docs/checkpoints.md).
 
 Everything that depends on positions only (clustering, neighbourhoods, the features of the
 relative offsets) is computed once per stage and shared by its blocks. Stage 1's tokens are the
@@ -26,7 +26,8 @@ __all__ = ["AFF", "AFFStage", "PatchEmbed", "AFF_SIZES", "MIN_INPUT_SIZE"]
 PATCH_SIZE = 4
 MIN_INPUT_SIZE = 32  # a smaller image leaves too few tokens for the reserved grid of stage 3
 
-# published model sizes (spec section 1.1): keyword arguments of ``AFF``
+# published model sizes (the paper's table of variants, the original repository's configs): keyword
+# arguments of ``AFF``
 AFF_SIZES = {
     "mini": dict(embed_dim=(32, 128, 256, 384), depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=2.0),
     "tiny": dict(embed_dim=(64, 128, 256, 512), depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0),
@@ -172,7 +173,8 @@ class AFF(nn.Module):
 
     Args:
         in_chans: input channels. embed_dim, depths, num_heads, nbhd_size: per stage.
-        cluster_size, mlp_ratio, alpha, ds_rate, reserve_on, layer_scale: see the spec, 1.1/1.2.
+        cluster_size, mlp_ratio, alpha, ds_rate, reserve_on, layer_scale: see docs/aff.md
+            (``MODEL.AFF.*`` keys of the original repository's configs).
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth
             (rising linearly from 0 over all blocks).
         patch_norm: LayerNorm after the stem. out_indices: stages whose output is returned.

@@ -1,16 +1,17 @@
 """Balanced clustering along a space-filling curve, and the cluster neighbourhoods.
 
-Reference: ``shared/spec/aff-reference.md`` section 2 (the zig-zag scan-line curve with anchors)
-and section 1.4 step 3 (a token's neighbourhood = the members of its nearest clusters), with the
-reproducibility conventions of section 15.2: every sort is stable and the ranking key is
-computed in float32 exactly as the original computes it.
+As in the paper (AutoFocusFormer, CVPR 2023: the zig-zag scan-line curve with
+anchors; a token's neighbourhood = the members of its nearest clusters) and the original
+repository (apple/ml-autofocusformer-segmentation), with the conventions of
+docs/reproducibility.md: every sort is stable and the ranking key is computed in float32 exactly
+as the original computes it. See docs/aff.md.
 
 Differences from the original, each a fix of a crash or a hazard:
 
 * the anchor grid has at least one row and one column (the original rounds to 0 rows on very
   elongated canvases), and one or two anchors work (the original needs three);
 * ``max_ratio`` in the ranking key is taken over the whole batch tensor, as the original does
-  (reference section 15.2).  It only spaces the cells apart, so the order inside a cell does not
+  (docs/reproducibility.md).  It only spaces the cells apart, so the order inside a cell does not
   depend on it except through float32 rounding of the key (tested: an image gives the same
   tokens alone and inside a batch).
 """

@@ -1,7 +1,8 @@
 """Adaptive downsampling: choose the merge centres, then merge their neighbourhoods by PointConv.
 
-Reference: ``shared/spec/aff-reference.md`` section 4, with the selection rule of section 15.3
-(stable descending sort of the score instead of ``topk(sorted=False)``).
+As in the paper (AutoFocusFormer, CVPR 2023: adaptive downsampling) and the original repository
+(apple/ml-autofocusformer-segmentation), with the selection rule of docs/reproducibility.md
+(stable descending sort of the score instead of ``topk(sorted=False)``); see docs/aff.md.
 """
 import math
 

@@ -11,7 +11,7 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 __all__ = ["D2ResNetTokens", "MapsAsTokens", "grid_tokens"]
 
-_GRID_STRIDE = 4  # positions are in units of the stride-4 grid (aff-reference, coordinate convention)
+_GRID_STRIDE = 4  # positions are in units of the stride-4 grid (docs/aff.md, Coordinates)
 
 
 def grid_tokens(feature, stride):

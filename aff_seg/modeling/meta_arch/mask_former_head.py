@@ -12,7 +12,7 @@ from ..pixel_decoder.msdeformattn_pc import build_pixel_decoder
 from ..transformer_decoder.mask2former_transformer_decoder import build_transformer_decoder
 from ..variants import backbone_output_format
 
-__all__ = ["MaskFormerHead"]
+__all__ = ["MaskFormerHead", "MaskFormerHeadFASeg"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -87,3 +87,23 @@ class MaskFormerHead(nn.Module):
             return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, mask)
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale_features, mask_features, mask)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MaskFormerHeadFASeg(MaskFormerHead):
+    """FASeg's head on dense maps (docs/faseg.md): its pixel decoder also returns the four levels'
+    learned position encodings, which the decoder turns into positional queries.  The same keys
+    as ``MaskFormerHead``.  (On a token backbone, FASeg's decoder runs under ``MaskFormerHead``.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.output_format != "maps":
+            raise ValueError(
+                "MODEL.SEM_SEG_HEAD.NAME='MaskFormerHeadFASeg' reads dense maps but MODEL.BACKBONE.NAME returns "
+                "tokens: use MaskFormerHead with MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME="
+                "'MultiScaleMaskedTransformerDecoderFASeg' (the point-cloud variant)"
+            )
+
+    def layers(self, features, mask=None):
+        mask_features, _, multi_scale_features, pos = self.pixel_decoder.forward_features(features)
+        return self.predictor(multi_scale_features, mask_features, mask, pos)

@@ -14,6 +14,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 
+from ...data.dataset_mappers import label_classes
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from .validation import check_batched_inputs, check_model_config
@@ -21,18 +22,13 @@ from .validation import check_batched_inputs, check_model_config
 __all__ = ["MaskFormer", "check_num_classes"]
 
 
-# dataset mappers whose targets are the things only (labels index thing_classes); the others
-# (semantic, panoptic) label every class (stuff_classes, which then includes the things)
-INSTANCE_MAPPERS = ("mask_former_instance", "coco_instance_lsj")
-
-
 def check_num_classes(num_classes, metadata, mapper_name):
     """Raise if the dataset's metadata lists a different number of classes than the config.
 
-    Instance mappers label ``thing_classes``, the semantic and panoptic ones ``stuff_classes``;
-    a dataset without that list is not checked.
+    Which list the mapper's targets index is the mapper's own ``label_classes``; a dataset without
+    that list is not checked.
     """
-    key = "thing_classes" if mapper_name in INSTANCE_MAPPERS else "stuff_classes"
+    key = label_classes(mapper_name)
     classes = metadata.get(key, None)
     if classes is not None and len(classes) != num_classes:
         raise ValueError(
@@ -308,7 +304,7 @@ class MaskFormer(nn.Module):
         scores = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
         flat = scores.flatten(0, 1)
         topk = min(self.test_topk_per_image, flat.numel())
-        # ties go to the lower (query, class) index (reference section 15.4)
+        # ties go to the lower (query, class) index (docs/reproducibility.md)
         sorted_scores, order = torch.sort(flat, descending=True, stable=True)
         scores_per_image, topk_indices = sorted_scores[:topk], order[:topk]
         labels_per_image = topk_indices % num_classes

@@ -1,4 +1,4 @@
-"""Point-cloud multi-scale deformable-attention pixel decoder (reference section 5).
+"""Point-cloud multi-scale deformable-attention pixel decoder (docs/aff.md).
 
 The backbone's res5/res4/res3 tokens attend to each other with deformable attention whose
 sampling locations are read off the token point clouds by Shepard interpolation of the 4

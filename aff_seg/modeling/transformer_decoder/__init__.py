@@ -9,6 +9,7 @@ from .mask2former_transformer_decoder import (
     build_transformer_decoder,
 )
 from .mask2former_transformer_decoder_grid import MultiScaleMaskedTransformerDecoder
+from .faseg import MultiScaleMaskedTransformerDecoderFASeg
 from .faseg_pc import MultiScaleMaskedTransformerDecoderFASegPc
 from .position_encoding import PointPositionEmbeddingSine, PositionEmbeddingSine
 
@@ -17,6 +18,7 @@ __all__ = [
     "MaskedTransformerDecoderBase",
     "MultiScaleMaskedTransformerDecoder",
     "MultiScaleMaskedTransformerDecoderPc",
+    "MultiScaleMaskedTransformerDecoderFASeg",
     "MultiScaleMaskedTransformerDecoderFASegPc",
     "build_transformer_decoder",
     "PointPositionEmbeddingSine",

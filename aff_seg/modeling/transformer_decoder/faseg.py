@@ -13,10 +13,16 @@ Segmentation", CVPR 2023 (github.com/ziplab/FASeg).  See docs/faseg.md.
   ``max(1, n_5 // OMEGA_RATE)`` res5 cells with the largest cross-attention summed over the
   queries at the last res5 layer.
 
-This file holds the shared pieces and the grid decoder (the original's); ``faseg_pc`` the
-point-cloud variant on AFF tokens.
+This file holds the shared pieces and the grid decoder (the original's, with its key names:
+its released checkpoints load); ``faseg_pc`` the point-cloud variant on AFF tokens.
 """
 import torch
+from torch import nn
+
+from detectron2.config import configurable
+
+from .mask2former_transformer_decoder import TRANSFORMER_DECODER_REGISTRY
+from .mask2former_transformer_decoder_grid import MultiScaleMaskedTransformerDecoder
 
 __all__ = [
     "HR",
@@ -25,6 +31,8 @@ __all__ = [
     "positional_queries",
     "pooled_positional_queries",
     "top_cells",
+    "windows",
+    "MultiScaleMaskedTransformerDecoderFASeg",
 ]
 
 HR = 3  # schedule entry (and level-embedding row) of the high-resolution level
@@ -100,3 +108,152 @@ def top_cells(coarse_weights, omega_rate):
     scores = coarse_weights.sum(1)  # b x n
     k = max(1, scores.shape[1] // omega_rate)
     return scores.topk(k, dim=1).indices
+
+
+def windows(fine, coarse_hw):
+    """Split a map into the cells of a coarser grid, in row-major cell order.
+
+    Args:
+        fine: ``b x c x H x W`` (the 1/4 map); coarse_hw: (h, w) of the coarse (1/32) grid,
+            ``H = r h`` and ``W = r w`` for an integer r (8 with ``SIZE_DIVISIBILITY`` 32).
+    Returns:
+        ``b x (h w) x r^2 x c``, the cell's pixels row-major.
+    """
+    b, c, H, W = fine.shape
+    h, w = coarse_hw
+    r = H // h
+    if r * h != H or r * w != W:
+        raise ValueError(
+            f"FASeg's high-resolution layers need the 1/4 map ({H} x {W}) to be an exact multiple of the 1/32 "
+            f"map ({h} x {w}); pad the input to a multiple of 32 (MODEL.MASK_FORMER.SIZE_DIVISIBILITY)"
+        )
+    return fine.view(b, c, h, r, w, r).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, r * r, c)
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder):
+    """FASeg's decoder on dense maps (``input_format = "maps"``; a token backbone gets
+    ``MultiScaleMaskedTransformerDecoderFASegPc``).
+
+    Four levels (res5, res4, res3 and the 1/4 map for the HR layers), the position encodings
+    from the pixel decoder, the layer schedule, DFPQ and HRCA of the module docstring.  Keys:
+    upstream's with ``level_embed`` of 4 rows, plus ``adapt_pos2d.{0,2}`` (g).  ``PRE_NORM`` works
+    (the original crashes with it).
+    """
+
+    num_feature_levels = 4
+
+    @configurable
+    def __init__(
+        self,
+        in_channels,
+        mask_classification=True,
+        *,
+        omega_rate: int,
+        attn_mask_threshold: float,
+        init_pool_threshold: float,
+        init_pool_complement: bool,
+        hr_every: int,
+        **kwargs,
+    ):
+        """
+        Args:
+            in_channels, mask_classification, kwargs: as ``MultiScaleMaskedTransformerDecoder``.
+            omega_rate, attn_mask_threshold, init_pool_threshold, init_pool_complement, hr_every:
+                ``MODEL.MASK_FORMER.FASEG.*`` (see ``aff_seg/config.py``).
+        """
+        super().__init__(in_channels, mask_classification, **kwargs)
+        hidden_dim = self.query_feat.weight.shape[1]
+        self.omega_rate = omega_rate
+        self.attn_mask_threshold = attn_mask_threshold
+        self.init_pool_threshold = init_pool_threshold
+        self.init_pool_complement = init_pool_complement
+        self.schedule = layer_schedule(self.num_layers, hr_every)
+        self.adapt_pos2d = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification):
+        return {**super().from_config(cfg, in_channels, mask_classification), **faseg_options(cfg)}
+
+    def make_position_encoding(self, num_pos_feats):
+        return None  # the encodings come from the pixel decoder
+
+    def forward(self, x, mask_features, mask=None, pos_list=None):
+        """
+        Args:
+            x: 4 maps ``b x c x h_l x w_l`` (res5, res4, res3, res2).
+            mask_features: ``b x mask_dim x H/4 x W/4``.
+            mask: unused (padding is not masked, as upstream).
+            pos_list: the 4 levels' position encodings, shaped as ``x``.
+        Returns:
+            dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x H/4 x W/4`` and
+            ``aux_outputs`` (one such dict per earlier prediction: 1 + the number of layers).
+        """
+        del mask
+        if len(x) != self.num_feature_levels or pos_list is None or len(pos_list) != self.num_feature_levels:
+            raise ValueError(
+                f"{type(self).__name__} needs {self.num_feature_levels} feature maps and their position encodings "
+                "(MODEL.SEM_SEG_HEAD.NAME 'MaskFormerHeadFASeg', PIXEL_DECODER_NAME 'MSDeformAttnPixelDecoder4ScalesFASeg')"
+            )
+        size_list = [tuple(level.shape[-2:]) for level in x]
+        src, pos = [], []
+        for i in range(HR):  # res5, res4, res3: n_l x b x c
+            src.append((self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+            pos.append(pos_list[i].flatten(2).permute(2, 0, 1))
+
+        b = x[0].shape[0]
+        static_query = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(output, mask_features, size_list[0])
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+        attn_mask = self.attention_mask(level_prob)
+        query_pos = pooled_positional_queries(self.adapt_pos2d, static_query, level_prob, pos[0].transpose(0, 1),
+                                              self.init_pool_threshold, self.init_pool_complement)
+        if HR in self.schedule:
+            fine = self.input_proj[HR](x[HR]) + self.level_embed.weight[HR][None, :, None, None]
+            hr_src = windows(fine, size_list[0])  # b x n_5 x r^2 x c
+            hr_pos = windows(pos_list[HR], size_list[0])
+
+        coarse = None
+        for i, level in enumerate(self.schedule):
+            layer = self.transformer_cross_attention_layers[i]
+            if level == HR:
+                top = top_cells(coarse, self.omega_rate)  # b x k
+                memory, memory_pos = (self._gather_windows(t, top) for t in (hr_src, hr_pos))
+                output = layer.attend(output, memory, None, memory_pos, static_query, need_weights=False)[0]
+            else:
+                attn_mask[attn_mask.all(-1)] = False  # a query blocked everywhere attends everywhere
+                output, weights = layer.attend(output, src[level], attn_mask, pos[level], query_pos)
+                if level == 0:
+                    coarse = weights
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+
+            # the next layer's mask (an HR layer has none; the original computes it anyway)
+            following = self.schedule[i + 1] if i + 1 < self.num_layers else HR
+            outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
+                output, mask_features, None if following == HR else size_list[following])
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+            if level_prob is not None:
+                attn_mask = self.attention_mask(level_prob)
+            if level != HR:
+                query_pos = positional_queries(self.adapt_pos2d, static_query, weights, pos[level].transpose(0, 1))
+
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": [
+                {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ],
+        }
+
+    @staticmethod
+    def _gather_windows(cells, top):
+        """``b x n_5 x r^2 x c`` cells, ``b x k`` chosen cells -> ``(k r^2) x b x c`` (score order)."""
+        b, _, r2, c = cells.shape
+        chosen = torch.gather(cells, 1, top[:, :, None, None].expand(-1, -1, r2, c))
+        return chosen.reshape(b, -1, c).transpose(0, 1)

@@ -8,7 +8,7 @@ __all__ = ["PointPositionEmbeddingSine", "PositionEmbeddingSine"]
 
 
 class PointPositionEmbeddingSine(nn.Module):
-    """DETR's sine encoding, for points instead of a grid (reference section 5).
+    """DETR's sine encoding, for points instead of a grid (docs/aff.md).
 
     Each coordinate is divided by its maximum over the whole batch (``+1e-6``) and scaled by
     ``2*pi``; with ``w_j = temperature^(-2j/num_pos_feats)``, ``j < num_pos_feats/2``, a point

@@ -50,7 +50,7 @@ def check_invariants(out, H, W, ds_rate=0.25):
 
 
 def test_token_counts_follow_the_spec_table():
-    """Spec 1.6 table: counts per stage for 512^2 (DS 0.25 and 0.2) and Cityscapes sizes."""
+    """Token counts per stage (docs/aff.md, adaptive downsampling) for 512^2 (DS 0.25 and 0.2) and Cityscapes sizes."""
     def counts(H, W, ds):
         h, w, n, out = H // 4, W // 4, H * W // 16, []
         for stride in (2, 4, 8):

@@ -9,10 +9,10 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
-# published parameter counts in millions (spec 1.1): classification model / segmentation backbone
+# published parameter counts in millions (the paper's table of variants): classification model / segmentation backbone
 PUBLISHED = {"mini": (6.75, 6.37), "tiny": (27.02, 26.51), "small": (42.61, 41.85), "base": (75.34, 74.32)}
-# spec table 1.1: embed dims, depths, heads, mlp ratio, layer scale on
-SPEC = {
+# the paper's variants: embed dims, depths, heads, mlp ratio, layer scale on
+VARIANTS = {
     "mini": ((32, 128, 256, 384), (2, 2, 6, 2), (2, 4, 8, 16), 2.0, False),
     "tiny": ((64, 128, 256, 512), (3, 4, 18, 5), (2, 4, 8, 16), 3.0, False),
     "small": ((96, 192, 384, 768), (3, 4, 18, 2), (3, 6, 12, 24), 3.0, True),
@@ -26,8 +26,8 @@ def build_meta(size):
 
 
 def expected_keys(size):
-    """The official checkpoint's backbone keys and shapes, written out from the spec's table (section 11)."""
-    dims, depths, heads, mlp_ratio, layer_scale = SPEC[size.replace("_1_5th", "")]
+    """The official checkpoint's backbone keys and shapes, written out from the official checkpoints."""
+    dims, depths, heads, mlp_ratio, layer_scale = VARIANTS[size.replace("_1_5th", "")]
     hidden = [int(c * mlp_ratio) for c in dims]
     keys = {
         "patch_embed.proj1.weight": (dims[0] // 2, 3, 3, 3), "patch_embed.proj1.bias": (dims[0] // 2,),

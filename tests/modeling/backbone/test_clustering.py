@@ -9,8 +9,8 @@ from aff_seg.modeling.backbone.clustering import anchor_grid, cluster_neighbourh
 
 
 def original_ranking(pos, m, h, w):
-    """The original algorithm for one image, transcribed step by step from the spec (section 2),
-    with the ranking sorted stably (section 15.2)."""
+    """The original algorithm for one image, transcribed step by step from the original repository
+    (apple/ml-autofocusformer-segmentation), with the ranking sorted stably (docs/reproducibility.md)."""
     pos = pos.float()
     n = pos.shape[1]
     k = math.ceil(n / m)

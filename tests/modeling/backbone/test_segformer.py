@@ -1,5 +1,6 @@
 """SegFormer (MiT + all-MLP head) and BoostFormer: sizes, shapes, block formulas, a CPU training step."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from aff_seg.modeling.backbone.mit import EfficientSelfAttention
 from aff_seg.modeling.meta_arch import BoostFormerHead
 from detectron2.modeling import ShapeSpec, build_model
 
-from segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg
+from .segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg
 
 # the published counts (ADE20K, 150 classes); BoostFormer without the original's unused linear_fuse
 PARAMETERS = {"b0": 3_752_694, "b1": 13_715_798, "b2": 27_461_974, "b3": 47_337_814, "b4": 64_108_374,
@@ -170,3 +171,30 @@ def test_cpu_training_step_with_batchnorm_in_train_mode(family):
     losses["loss_sem_seg"].backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter is used (no DDP surprise)
     assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+
+
+@pytest.mark.parametrize("backbone", ["D2MixVisionTransformer", "D2BoostFormer"])
+def test_backbones_feed_the_mask2former_heads(backbone):
+    from aff_seg import add_maskformer2_config
+    from detectron2.config import get_cfg
+    from detectron2.structures import Instances
+
+    cfg = add_maskformer2_config(get_cfg())
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[3] / "configs/synthetic/ade20k_semantic_grid.yaml"))
+    cfg.merge_from_list(["MODEL.BACKBONE.NAME", backbone, "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
+                         "MODEL.MASK_FORMER.DEC_LAYERS", "2"])
+    for keys in (cfg.MODEL.MIT, cfg.MODEL.BOOSTFORMER):
+        keys.EMBED_DIMS, keys.DEPTHS, keys.NUM_HEADS = [8, 16, 24, 32], [1, 1, 1, 1], [1, 2, 2, 4]
+    cfg.MODEL.BOOSTFORMER.NORM = "BN"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    instances = Instances((64, 64), gt_classes=torch.tensor([1, 2]), gt_masks=torch.zeros(2, 64, 64, dtype=torch.bool))
+    instances.gt_masks[0, :32] = True
+    instances.gt_masks[1, 32:] = True
+    losses = model([{"image": torch.rand(3, 64, 64) * 255, "instances": instances}])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.patch_embed1.proj.weight.grad is not None if backbone == "D2MixVisionTransformer" else \
+        model.backbone.patch_embeddings[0].conv.weight.grad is not None
+    with torch.no_grad():
+        assert model.eval()([{"image": torch.rand(3, 70, 90) * 255}])[0]["sem_seg"].shape == (150, 70, 90)

@@ -19,7 +19,7 @@ from aff_seg.checkpoint import AFFCheckpointer
 from aff_seg.modeling.backbone.segformer_weights import convert, detect_format
 from detectron2.modeling import build_model
 
-from segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg  # noqa: I100
+from .segformer_helpers import TINY_BOOSTFORMER, TINY_MIT, semantic_cfg  # noqa: I100
 
 ROOT = Path(__file__).resolve().parents[3]
 

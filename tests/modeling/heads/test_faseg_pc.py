@@ -3,8 +3,8 @@ variant on AFF tokens."""
 import pytest
 import torch
 
-from heads_helpers import tiny_cfg  # noqa: I100  (registers the fake backbone first)
-from test_heads_training import toy_batch
+from .heads_helpers import tiny_cfg  # noqa: I100  (registers the fake backbone first)
+from .test_heads_training import toy_batch
 
 from detectron2.modeling import build_model
 

@@ -4,7 +4,7 @@ upstream checkpoint keys, the grid / point-cloud choice, training and inference 
 import pytest
 import torch
 
-from heads_helpers import instances_from_masks, load_cfg  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import instances_from_masks, load_cfg  # noqa: I100  (registers the fake backbone first)
 
 from detectron2.modeling import build_model
 

@@ -1,4 +1,4 @@
-"""State-dict keys and shapes of the head equal the official checkpoints' (reference section 11),
+"""State-dict keys and shapes of the head equal the official checkpoints' (docs/checkpoints.md),
 and a checkpoint in that format round-trips through detectron2's checkpointer with nothing
 missing, unexpected or skipped."""
 import copy
@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from heads_helpers import config_path, load_cfg  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import config_path, load_cfg  # noqa: I100  (registers the fake backbone first)
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -50,7 +50,7 @@ OTHER_SIZES = {k: v for k, v in every_aff_config().items() if v[0] not in {c[0] 
 
 
 def expected_head_shapes(num_classes, num_queries, learnable, channels):
-    """The head's checkpoint keys and shapes, written out from reference section 11."""
+    """The head's checkpoint keys and shapes, written out from the official checkpoints."""
     c0, c1, c2, c3 = channels
     pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
     keys = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from heads_helpers import (  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import (  # noqa: I100  (registers the fake backbone first)
     instance_segments,
     panoptic_segments,
     semantic_segments,

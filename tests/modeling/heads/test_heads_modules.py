@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake backbone first)
 
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher

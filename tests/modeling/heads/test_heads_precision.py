@@ -4,7 +4,7 @@ the float32 model, and the losses are float32."""
 import pytest
 import torch
 
-from heads_helpers import instances_from_masks, tiny_cfg  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import instances_from_masks, tiny_cfg  # noqa: I100  (registers the fake backbone first)
 
 from detectron2.modeling import build_model
 

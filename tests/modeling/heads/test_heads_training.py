@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from heads_helpers import (  # noqa: I100  (registers the fake backbone first)
+from .heads_helpers import (  # noqa: I100  (registers the fake backbone first)
     instance_segments,
     instances_from_masks,
     panoptic_segments,

@@ -8,7 +8,7 @@ import aff_seg
 from detectron2.modeling import build_model
 from aff_seg.modeling.meta_arch import InvalidInputError, check_batched_inputs
 
-from test_input_fuzz import ADE_MINI, TINY_OPTS, tiny_model
+from .test_input_fuzz import ADE_MINI, TINY_OPTS, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ companions of its own size, but does on larger ones, whose padding is tokenised 
 content (no padding mask, as in the original). A change here must update README and docs."""
 import torch
 
-from test_input_fuzz import tiny_model
+from .test_input_fuzz import tiny_model
 
 
 def semantic(model, images):
