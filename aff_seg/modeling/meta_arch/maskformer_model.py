@@ -49,7 +49,6 @@ class MaskFormer(nn.Module):
         backbone: Backbone,
         sem_seg_head: nn.Module,
         criterion: nn.Module,
-        num_queries: int,
         object_mask_threshold: float,
         overlap_threshold: float,
         metadata,
@@ -67,7 +66,6 @@ class MaskFormer(nn.Module):
         Args:
             backbone: detectron2 Backbone returning tokens (AFF's dict) or dense maps.
             sem_seg_head: MaskFormerHead; criterion: SetCriterion.
-            num_queries: Q.
             object_mask_threshold: panoptic: minimum class score of a kept query.
             overlap_threshold: panoptic: minimum visible / predicted area of a kept segment.
             metadata: the dataset's metadata (thing ids for panoptic / instance inference).
@@ -85,7 +83,6 @@ class MaskFormer(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
-        self.num_queries = num_queries
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
@@ -153,7 +150,6 @@ class MaskFormer(nn.Module):
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": criterion,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
             "metadata": metadata,

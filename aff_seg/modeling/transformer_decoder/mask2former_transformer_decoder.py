@@ -187,7 +187,6 @@ class MaskedTransformerDecoderBase(nn.Module):
         super().__init__()
         if not mask_classification:
             raise ValueError(f"{type(self).__name__} only supports mask_classification=True")
-        self.mask_classification = mask_classification
         self.pe_layer = self.make_position_encoding(hidden_dim // 2)
         self.num_heads = nheads
         self.num_layers = dec_layers
@@ -263,19 +262,17 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
     def make_input_proj(self, in_channels, hidden_dim):
         return nn.Linear(in_channels, hidden_dim)
 
-    def forward(self, x, pos, mask_features, mf_pos, mask=None):
+    def forward(self, x, pos, mask_features, mf_pos):
         """
         Args:
             x: list of 3 ``b x n_l x c`` level features (res5, res4, res3).
             pos: list of 3 ``b x n_l x 2`` level positions.
             mask_features: ``b x n x mask_dim`` on the res2 tokens (all h*w grid pixels).
             mf_pos: ``b x n x 2`` res2 positions.
-            mask: unused (padding is not masked, as upstream).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
             ``aux_outputs`` (in training, one such dict per earlier prediction; empty in eval).
         """
-        del mask
         canvas_hw = self._canvas_size(mf_pos)
         src, pos_emb = self._sources(x, pos)
         level_neighbours = self._level_neighbours(pos, mf_pos)
