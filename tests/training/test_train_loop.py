@@ -197,15 +197,17 @@ def test_mixed_precision_training_follows_fp32(precision, registered_root, tmp_p
     assert abs(mean(low[-10:]) - mean(fp32[-10:])) < 0.15 * mean(fp32[-10:]), (low[-10:], fp32[-10:])
 
 
-def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path):
-    """The grid Mask2Former (ResNet maps, upstream heads): train 3 iterations; as if killed after
-    the checkpoint of iteration 1, resume (train_net's --resume path) and run iteration 2; then
-    train_net.py --eval-only of the final weights reproduces the final evaluation."""
+@pytest.mark.parametrize("name", ["ade20k_semantic_grid",
+                                  pytest.param("ade20k_semantic_faseg_grid", marks=pytest.mark.slow)])
+def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path, name):
+    """The grid Mask2Former (ResNet maps, upstream heads) and FASeg on it: train 3 iterations; as
+    if killed after the checkpoint of iteration 1, resume (train_net's --resume path) and run
+    iteration 2; then train_net.py --eval-only of the final weights reproduces the final evaluation."""
     from detectron2.config import get_cfg
 
     from aff_seg import add_maskformer2_config
 
-    config = os.path.join(CONFIGS, "synthetic/ade20k_semantic_grid.yaml")
+    config = os.path.join(CONFIGS, f"synthetic/{name}.yaml")
     opts = tiny_opts("ade20k_semantic", tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2)
     cfg = get_cfg()
     add_maskformer2_config(cfg)

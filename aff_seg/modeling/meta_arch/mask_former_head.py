@@ -75,7 +75,8 @@ class MaskFormerHead(nn.Module):
         if self.output_format == "tokens":
             mask_features, mf_pos, _, multi_scale_features, multi_scale_poss = self.pixel_decoder.forward_features(
                 features)
-            return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos)
+            canvas_hw = features[self.in_features[0] + "_spatial_shape"]
+            return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, canvas_hw)
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale_features, mask_features)
 
