@@ -20,10 +20,8 @@ def test_tiny_config_on_cpu_writes_valid_json(benchmark, tiny_config, tmp_path, 
     assert "| inference |" in capsys.readouterr().out
 
 
-def test_summarize():
-    from benchmark import summarize
-
-    r = summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5)
+def test_summarize(benchmark):
+    r = benchmark.summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5)
     assert r["images_per_s"] == 4 / 0.4
     assert r["latency_ms"]["p50"] == 200
 
@@ -41,7 +39,7 @@ def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, ti
         return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
 
     monkeypatch.setattr(benchmark, "run", spy)
-    monkeypatch.setattr(knn_search, "_method", "auto")  # restored after the test
+    monkeypatch.setattr(knn_search.METHOD, "value", "auto")  # restored after the test
     benchmark.main(["--config-file", config, "--tasks", "inference", "--original-execution", *opts,
                     "SOLVER.AMP.ENABLED", "True"])
     assert seen == {"amp": False, "fused": False, "knn": "brute_force"}
