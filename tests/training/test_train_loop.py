@@ -225,3 +225,41 @@ def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path, name
     expected = resumed._last_eval_results["sem_seg"]
     assert {k: round(expected[k], 4) for k in ("mIoU", "fwIoU", "mACC", "pACC")} == {
         k: v for k, v in _copypaste_metrics(evaluated).items() if k in ("mIoU", "fwIoU", "mACC", "pACC")}
+
+
+def test_cluster_launchers_train_to_the_same_weights(synthetic_root, tmp_path):
+    """The same 2-process job three ways: ``torchrun --nproc_per_node 2``, two "machines" of one
+    process each (``--num-machines 2 --machine-rank r``, gloo over localhost), and a Slurm job of
+    two tasks (its ``SLURM_*`` environment given by hand): the same weights."""
+    from detectron2.engine.launch import _find_free_port
+
+    config = os.path.join(CONFIGS, TASKS["ade20k_semantic"])
+    env = dict(os.environ, DETECTRON2_DATASETS=synthetic_root, OMP_NUM_THREADS="1")
+    train_net = os.path.join(REPO, "train_net.py")
+
+    def args(name):
+        return ["--config-file", config, *tiny_opts("ade20k_semantic", tmp_path / name, "DATASETS.TEST", "()",
+                                                    "MODEL.DEVICE", "cpu")]
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    jobs = [([torchrun, "--nproc_per_node", "2", "--master_port", str(_find_free_port()), train_net,
+              *args("torchrun")], {})]
+    machines_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    jobs += [([sys.executable, train_net, "--num-machines", "2", "--machine-rank", str(rank),
+               "--dist-url", machines_url, *args("machines")], {}) for rank in (0, 1)]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(_find_free_port())}
+    jobs += [([sys.executable, train_net, *args("slurm")], dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+             for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, **extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, extra in jobs]
+    for proc in procs:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-4000:]
+
+    weights = {name: torch.load(tmp_path / name / "model_final.pth", weights_only=False)["model"]
+               for name in ("torchrun", "machines", "slurm")}
+    assert "World size: 2" in (tmp_path / "slurm" / "log.txt").read_text()
+    for name in ("machines", "slurm"):
+        for key, value in weights["torchrun"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
