@@ -18,10 +18,8 @@
   It also reads SegFormer and BoostFormer checkpoints as their users have them (``segformer_weights``):
   NVlabs/mmseg ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and HuggingFace ``save_pretrained``
   output (the directory, or its ``pytorch_model.bin`` / ``model.safetensors``; ``config.json`` beside it is
-  named in the report). They are renamed to the project's modules, and compared with the model first: with
-  ``strict`` (``MODEL.WEIGHTS_STRICT``) a tensor the model lacks or holds in another shape, or a model tensor
-  the checkpoint should cover but lacks (another size or family), stops the load with every such name;
-  otherwise they are reported and the rest loads.
+  named in the report). They are renamed to the project's modules and then checked like any file; an
+  encoder alone (ImageNet MiT) must in strict mode also provide every tensor of the model's encoder.
 Loading is strict (``check_load``): missing, unexpected or shape-mismatched keys stop the load
 with a table of them (``CheckpointMismatchError``), unless the checkpointer was made with
 ``strict=False`` (``MODEL.WEIGHTS_STRICT False``) or the file is a classification checkpoint
@@ -297,19 +295,16 @@ class AFFCheckpointer(DetectionCheckpointer):
             with open(config) as f:
                 hf = json.load(f)
             what += f", config.json: {hf.get('architectures')} hidden_sizes {hf.get('hidden_sizes')} depths {hf.get('depths')}"
-        unexpected, mismatched, missing = segformer_weights.compare_with_model(converted, self.model.state_dict())
-        problems = [f"{title}: {', '.join(names)}" for title, names in (
-            ("not in the model", unexpected), ("other shape (checkpoint vs model)", mismatched),
-            ("missing from the checkpoint", missing)) if names]
         logger.info(f"{what}; {len(converted)} tensors renamed; dropped by design: {', '.join(dropped) or 'none'}")
-        if problems:
-            message = f"{what} does not match the model. " + "; ".join(problems)
-            if self.strict:
-                raise CheckpointMismatchError(message + ". Set MODEL.WEIGHTS_STRICT False to load the tensors that match.")
-            logger.warning(message + ". Loading the tensors that match (MODEL.WEIGHTS_STRICT is False).")
-            model_state = self.model.state_dict()
-            converted = {k: v for k, v in converted.items()
-                         if k in model_state and v.shape == model_state[k].shape}
+        if self.strict and not any(k.startswith("sem_seg_head.") for k in converted):
+            # an encoder alone passes check_load as backbone pre-training even when it is a shallower
+            # encoder of the same widths: every tensor of the model's encoder must come from it
+            lacking = sorted(k for k in self.model.state_dict() if k.startswith("backbone.")
+                             and k not in converted and not k.endswith("num_batches_tracked"))
+            if lacking:
+                raise CheckpointMismatchError(
+                    f"{what} lacks tensors of the model's encoder (another size?): {', '.join(lacking)}. "
+                    "Set MODEL.WEIGHTS_STRICT False to load what matches and leave the rest as initialised.")
         return {"model": converted, "__author__": FORMATS_AUTHOR}
 
     def _focal_checkpoint(self, filename, backbone, dropped):

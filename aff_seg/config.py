@@ -24,7 +24,28 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["ConfigError", "SafeCfgNode", "add_maskformer2_config", "load_config"]
+__all__ = ["ACCEPTED_AND_IGNORED", "ConfigError", "SafeCfgNode", "add_maskformer2_config", "load_config"]
+
+#: keys that the original configs (and detectron2's ``add_deeplab_config``) set but nothing in
+#: aff_seg reads: defined so those files merge unchanged, and ignored
+ACCEPTED_AND_IGNORED = (
+    "MODEL.MASK_FORMER.ENC_LAYERS",  # Mask2Former's; its decoder has no encoder of its own
+    "MODEL.MASK_FORMER.TEST.SANITY_CHECK",  # Mask2Former's
+    # the deformable encoders use 4 sampling points and MASK_FORMER.NHEADS heads, as the originals
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS",
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+    # DeepLab's head and ResNet options, from add_deeplab_config
+    "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
+    "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES",
+    "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS",
+    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS",
+    "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS",
+    "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT",
+    "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV",
+    "MODEL.RESNETS.RES4_DILATION",
+    "MODEL.RESNETS.RES5_MULTI_GRID",
+    "MODEL.RESNETS.STEM_TYPE",
+)
 
 CONVERTER = "tools/convert-config-safe.py"
 
@@ -189,8 +210,6 @@ def add_maskformer2_config(cfg):
     head.TRANSFORMER_ENC_LAYERS = 0
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
-    # kept for config compatibility; the point-cloud decoder uses 4 points and
-    # MASK_FORMER.NHEADS heads (as the original repository's decoder does)
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 

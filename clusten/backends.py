@@ -32,19 +32,35 @@ BACKEND_ENV = "CLUSTEN_BACKEND"
 BACKENDS = ("auto", "torch", "cuda")
 DEBUG_ENV = "CLUSTEN_DEBUG"
 
-__all__ = ["BACKENDS", "backend", "can_run", "get_backend", "set_backend"]
+__all__ = ["BACKENDS", "Setting", "backend", "can_run", "get_backend", "set_backend"]
 
 
-def _validated(name, source="backend"):
-    value = str(name).strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"clusten: {source}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return value
+class Setting:
+    """A process-wide choice among ``choices`` (the first is the default), whose starting value
+    is read once from the environment variable ``env``."""
 
+    def __init__(self, what, choices, env, environ=os.environ):
+        self.what, self.choices, self.env = what, tuple(choices), env
+        self.value = self.validated(environ.get(env, "").strip() or self.choices[0], env)
 
-def backend_from_environment(environ=os.environ):
-    """The default backend: ``CLUSTEN_BACKEND`` (``auto`` when unset or empty)."""
-    return _validated(environ.get(BACKEND_ENV, "").strip() or "auto", BACKEND_ENV)
+    def validated(self, value, source=None):
+        name = str(value).strip().lower()
+        if name not in self.choices:
+            raise ValueError(f"clusten: {source or self.what}={value!r}: expected one of {', '.join(self.choices)}")
+        return name
+
+    def set(self, value):
+        self.value = self.validated(value)
+
+    @contextlib.contextmanager
+    def use(self, value):
+        """Run a block with ``value``; the previous value is restored after it."""
+        previous = self.value
+        self.set(value)
+        try:
+            yield
+        finally:
+            self.value = previous
 
 
 def debug_from_environment(environ=os.environ):
@@ -52,31 +68,24 @@ def debug_from_environment(environ=os.environ):
     return environ.get(DEBUG_ENV, "0").strip() not in ("", "0", "false", "False")
 
 
-_backend = backend_from_environment()
+BACKEND = Setting("backend", BACKENDS, BACKEND_ENV)
 debug = debug_from_environment()
 _logged = set()
 
 
 def get_backend():
     """The current backend: ``"auto"``, ``"torch"`` or ``"cuda"``."""
-    return _backend
+    return BACKEND.value
 
 
 def set_backend(name):
     """Set the backend of every later clusten call in this process (see the module doc)."""
-    global _backend
-    _backend = _validated(name)
+    BACKEND.set(name)
 
 
-@contextlib.contextmanager
 def backend(name):
-    """Run a block with backend ``name``; the previous backend is restored after it."""
-    previous = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+    """Context manager: run a block with backend ``name``, then restore the previous one."""
+    return BACKEND.use(name)
 
 
 def _log_once(level, message):
@@ -96,7 +105,7 @@ def why_not(name, device):
     ``torch`` and ``auto`` run anywhere (``auto`` falls back to the reference); ``cuda`` needs a
     CUDA device and a CUDA extension that builds and loads.
     """
-    name = _validated(name)
+    name = BACKEND.validated(name)
     if name != "cuda":
         return None
     if torch.device(device).type != "cuda":

@@ -12,12 +12,10 @@ what ``clusten.flops`` counts). Which search it uses is a process-wide setting:
 on the brute force, the original's way; ``auto`` (default) sends large 2-D searches to the grid
 search. The default is read once, at import, from ``CLUSTEN_KNN``.
 """
-import contextlib
-import os
-
 import torch
 from torch import Tensor
 
+from .backends import Setting
 from .knn_grid import grid_knn
 from .reference import query_chunks
 from .validation import check
@@ -30,39 +28,22 @@ CHUNK_PAIRS_GPU = 1 << 24
 # (clusten.grid_knn: same results); below it brute force is as fast.
 GRID_SEARCH_PAIRS = 1 << 22
 SEARCH_ENV = "CLUSTEN_KNN"
-KNN_METHODS = ("auto", "brute_force")
-
-
-def _validated_method(name, source="knn method"):
-    value = str(name).strip().lower()
-    if value not in KNN_METHODS:
-        raise ValueError(f"clusten: {source}={name!r}: expected one of {', '.join(KNN_METHODS)}")
-    return value
-
-
-_method = _validated_method(os.environ.get(SEARCH_ENV, "").strip() or "auto", SEARCH_ENV)
+METHOD = Setting("knn method", ("auto", "brute_force"), SEARCH_ENV)
 
 
 def get_knn_method():
     """The current search method of ``knn``: ``"auto"`` or ``"brute_force"``."""
-    return _method
+    return METHOD.value
 
 
 def set_knn_method(name):
     """Set the search method of every later ``knn`` call in this process."""
-    global _method
-    _method = _validated_method(name)
+    METHOD.set(name)
 
 
-@contextlib.contextmanager
 def knn_method(name):
-    """Run a block with knn search method ``name``; the previous one is restored after it."""
-    previous = get_knn_method()
-    set_knn_method(name)
-    try:
-        yield
-    finally:
-        set_knn_method(previous)
+    """Context manager: run a block with knn search method ``name``, then restore the previous one."""
+    return METHOD.use(name)
 
 
 def _check(query, database, k):
@@ -101,7 +82,7 @@ def knn(query, database, k, return_dist=False):
 def _knn_op(query: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(``b x n x k`` int64 indices, ``b x n x k`` float32 distances) of ``knn``."""
     b, n, d = query.shape
-    if d == 2 and n * database.shape[1] > GRID_SEARCH_PAIRS and _method == "auto":
+    if d == 2 and n * database.shape[1] > GRID_SEARCH_PAIRS and METHOD.value == "auto":
         return grid_knn(query, database, k, return_dist=True)
     return brute_force_knn(query, database, k, return_dist=True)
 

@@ -74,9 +74,11 @@ def flop_analysis(model, inputs, count_custom_ops=True):
             as the original's count did).
 
     Returns:
-        a ``FlopCountAnalysis`` whose statistics are already computed.
+        a ``FlopCountAnalysis`` whose statistics are already computed; fvcore's per-operator
+        warnings are off (``do_flop`` reports the operators without a FLOP rule in one line).
     """
     analysis = FlopCountAnalysis(model, inputs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     analysis.set_op_handle(**{"aten::scaled_dot_product_attention": attention_flop})
     handles = clusten.flops.FLOP_HANDLES
     analysis.set_op_handle(**(handles if count_custom_ops else dict.fromkeys(handles)))
@@ -158,8 +160,6 @@ def do_flop(model, cfg, args):
     first = None
     for idx, inputs in enumerate(analysis_inputs(cfg, args.num_inputs, args.use_fixed_input_size)):
         analysis = flop_analysis(model, inputs, count_custom_ops=not args.exclude_custom_ops)
-        if idx > 0:
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         by_operator += analysis.by_operator()
         totals.append(analysis.total())
         if first is None:
@@ -186,6 +186,10 @@ def do_flop(model, cfg, args):
     logger.info(
         "Average GFLOPs per operator: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in result["gflops_by_operator"].items())
+    )
+    logger.info(
+        "Not counted (no FLOP rule, as in fvcore): "
+        + (", ".join(f"{k} x{v}" for k, v in sorted(result["unsupported_ops"].items())) or "none")
     )
     logger.info(
         f"Total GFLOPs: {result['gflops']:.2f} ± {result['gflops_std']:.2f} "

@@ -29,6 +29,7 @@ Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is th
 resident size of the whole process so far (``ru_maxrss``), an upper bound.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -241,6 +242,32 @@ def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=
     return result
 
 
+@contextlib.contextmanager
+def _without_gpu_probe_error():
+    """Without a CUDA driver, torch.profiler's Kineto (CUDA builds of torch) writes
+    "ERROR: ... gpuGetDeviceCount failed" to the process's stderr although only CPU activity is
+    recorded.  Stderr (file descriptor 2) is captured for the block and given back without that
+    line."""
+    if torch.cuda.is_available():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines()
+                    if "gpuGetDeviceCount failed" not in line]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
 def op_breakdown(model, cfg, batch, top=25):
     """Per-op time of one inference forward (``torch.profiler``, after one warm-up forward).
 
@@ -255,7 +282,7 @@ def op_breakdown(model, cfg, batch, top=25):
     with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=cfg.SOLVER.AMP.ENABLED):
         model(batch)
         _synchronize(model.device)
-        with torch.profiler.profile(activities=activities) as prof:
+        with _without_gpu_probe_error(), torch.profiler.profile(activities=activities) as prof:
             model(batch)
             _synchronize(model.device)
     events = prof.key_averages()
@@ -360,7 +387,7 @@ def compare_table(result, tasks):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--config-file", metavar="FILE")
     target.add_argument("--compare", nargs="+", metavar="FILE[@original]",

@@ -2,6 +2,7 @@
 import datetime
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..checkpoint import check_weights
 from ..config import ConfigError
 from ..data.datasets import check_dataset_exists
 
-__all__ = ["check_run_inputs", "launch", "resolve_dist_backend", "setup_run"]
+__all__ = ["check_run_inputs", "launch", "launcher_environment", "resolve_dist_backend", "setup_run"]
 
 # evaluator types whose classes are the "thing" classes (the others: stuff_classes)
 _INSTANCE_EVALUATORS = ("coco", "lvis", "cityscapes_instance")
@@ -155,6 +156,54 @@ def resolve_dist_backend(backend, device):
     return "nccl" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "gloo"
 
 
+def _first_host(nodelist):
+    """The first host of a Slurm node list: ``node[003-005,9]-ib,gpu1`` -> ``node003-ib``."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist)
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0] if ranges else ""
+    return prefix + first + suffix
+
+
+def launcher_environment(environ=None):
+    """The process layout a cluster launcher gave this process, or None (started by hand).
+
+    * torchrun (or ``torch.distributed.launch``): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+      ``LOCAL_WORLD_SIZE``, rendezvous at ``MASTER_ADDR:MASTER_PORT`` (``env://``);
+    * Slurm, ``srun`` with several tasks (one per process): ``SLURM_PROCID``, ``SLURM_LOCALID``,
+      ``SLURM_NTASKS``, tasks per node from ``SLURM_NTASKS_PER_NODE`` (or
+      ``SLURM_TASKS_PER_NODE``), rendezvous on the first host of ``SLURM_JOB_NODELIST`` (or
+      ``MASTER_ADDR``) at ``MASTER_PORT`` (default: 20000 + job id mod 20000).
+
+    Returns:
+        dict with ``rank``, ``local_rank``, ``world_size``, ``local_world_size``, ``dist_url``
+        and ``source`` ("torchrun" or "slurm"); None for a single process.
+    """
+    env = os.environ if environ is None else environ
+    if all(k in env for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        layout = dict(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]),
+                      world_size=int(env["WORLD_SIZE"]),
+                      local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+                      dist_url="env://", source="torchrun")
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        world_size = int(env["SLURM_NTASKS"])
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+        per_node = re.match(r"\d*", per_node).group()
+        host = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        layout = dict(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", "0")),
+                      world_size=world_size,
+                      local_world_size=int(per_node) if per_node else world_size // int(env.get("SLURM_NNODES", "1")),
+                      dist_url=f"tcp://{host}:{port}", source="slurm")
+    else:
+        return None
+    if layout["world_size"] <= 1:
+        return None
+    if layout["world_size"] % layout["local_world_size"]:
+        raise ValueError(f"{layout['source']}: {layout['world_size']} processes do not split into machines of "
+                         f"{layout['local_world_size']} each")
+    return layout
+
+
 def launch(
     main_func,
     num_processes_per_machine,
@@ -172,11 +221,24 @@ def launch(
     ``main_func`` runs in this process and no process group is created; nothing then waits on
     a barrier.
 
+    Under torchrun or Slurm (``launcher_environment``) this process is one of the job's: it
+    joins the process group the environment describes and runs ``main_func`` itself; the
+    machine/process arguments are then ignored.
+
     Args:
         num_processes_per_machine: processes started on this machine (GPUs for NCCL).
         dist_url: rendezvous URL, e.g. "tcp://127.0.0.1:50152"; "auto" picks a free local port
             (single machine only).
     """
+    layout = launcher_environment()
+    if layout is not None:
+        logging.getLogger(__name__).info(
+            f"{layout['source']}: process {layout['rank']} of {layout['world_size']} "
+            f"({layout['local_world_size']} per machine), rendezvous {layout['dist_url']}"
+        )
+        _run_in_group(main_func, args, layout["rank"], layout["local_rank"], layout["world_size"],
+                      layout["local_world_size"], layout["dist_url"], backend, timeout)
+        return
     world_size = num_machines * num_processes_per_machine
     if world_size <= 1:
         main_func(*args)
@@ -204,14 +266,21 @@ def _distributed_worker(
     local_rank, main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, backend, timeout
 ):
     global_rank = machine_rank * num_processes_per_machine + local_rank
+    _run_in_group(main_func, args, global_rank, local_rank, world_size, num_processes_per_machine, dist_url,
+                  backend, timeout)
+
+
+def _run_in_group(main_func, args, rank, local_rank, world_size, local_world_size, dist_url, backend, timeout):
+    """Join the process group as ``rank`` (machines of ``local_world_size`` consecutive ranks),
+    run ``main_func(*args)``, leave the group."""
     dist.init_process_group(
-        backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+        backend=backend, init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
     )
     # detectron2's comm.get_local_rank/size read the group of this machine's processes
-    for machine in range(world_size // num_processes_per_machine):
-        ranks = list(range(machine * num_processes_per_machine, (machine + 1) * num_processes_per_machine))
+    for machine in range(world_size // local_world_size):
+        ranks = list(range(machine * local_world_size, (machine + 1) * local_world_size))
         group = dist.new_group(ranks)
-        if machine == machine_rank:
+        if rank in ranks:
             comm._LOCAL_PROCESS_GROUP = group
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

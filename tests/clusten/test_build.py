@@ -16,7 +16,7 @@ CUDA = torch.device("cuda")
 def fresh(monkeypatch):
     """No cached log lines, the default backend; load_extension replaced by a stub the test configures."""
     monkeypatch.setattr(backends, "_logged", set())
-    monkeypatch.setattr(backends, "_backend", "auto")
+    monkeypatch.setattr(backends.BACKEND, "value", "auto")
     state = {"calls": 0, "error": None}
 
     def fake_load():
@@ -79,10 +79,13 @@ def test_can_run_says_why_not(fresh):
 def test_invalid_backend_names(fresh):
     with pytest.raises(ValueError, match="backend='triton': expected one of auto, torch, cuda"):
         clusten.set_backend("triton")
+    def from_environment(environ):
+        return backends.Setting("backend", backends.BACKENDS, backends.BACKEND_ENV, environ).value
+
     with pytest.raises(ValueError, match="CLUSTEN_BACKEND='triton'"):
-        backends.backend_from_environment({"CLUSTEN_BACKEND": "triton"})
-    assert backends.backend_from_environment({"CLUSTEN_BACKEND": " Torch "}) == "torch"
-    assert backends.backend_from_environment({}) == "auto"
+        from_environment({"CLUSTEN_BACKEND": "triton"})
+    assert from_environment({"CLUSTEN_BACKEND": " Torch "}) == "torch"
+    assert from_environment({}) == "auto"
 
 
 def test_forced_torch_backend_still_computes(fresh):

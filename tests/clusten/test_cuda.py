@@ -32,7 +32,7 @@ def _inputs(op, dtype, seed=0, sizes=SIZES):
 
 def _run(op, args, backend, monkeypatch):
     """Forward output and gradients of every floating input, on the given backend."""
-    monkeypatch.setattr(backends, "_backend", backend)
+    monkeypatch.setattr(backends.BACKEND, "value", backend)
     args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
     out = getattr(clusten, op)(*args)
     grad_out = torch.randn_like(out, dtype=torch.float32, generator=torch.Generator(device="cuda").manual_seed(1))
@@ -58,7 +58,7 @@ def test_kernel_matches_twin(op, dtype, monkeypatch):
 
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_gradcheck_float64(op, monkeypatch):
-    monkeypatch.setattr(backends, "_backend", "cuda")
+    monkeypatch.setattr(backends.BACKEND, "value", "cuda")
     args = _inputs(op, torch.float64, sizes=TINY)
     assert torch.autograd.gradcheck(getattr(clusten, op), args, nondet_tol=1e-12)
 
@@ -81,7 +81,7 @@ def test_deterministic_mode_repeats_bitwise(op, monkeypatch):
 
 def test_int32_indices_and_beyond_original_grid_limit(monkeypatch):
     # The original's weighted_gather could not launch past ~262,140 tokens at 256 channels.
-    monkeypatch.setattr(backends, "_backend", "cuda")
+    monkeypatch.setattr(backends.BACKEND, "value", "cuda")
     n, n_src, c = 300_000, 75_000, 256
     feat = torch.randn(1, n_src, c, device="cuda")
     idx = torch.randint(0, n_src, (1, n, 4), device="cuda", dtype=torch.int32)
@@ -92,7 +92,7 @@ def test_int32_indices_and_beyond_original_grid_limit(monkeypatch):
 
 
 def test_debug_mode_checks_index_range(monkeypatch):
-    monkeypatch.setattr(backends, "_backend", "cuda")
+    monkeypatch.setattr(backends.BACKEND, "value", "cuda")
     monkeypatch.setattr(backends, "debug", True)
     q, k, idx = _inputs("clusten_qk", torch.float32)
     idx[0, 0, 0] = N_SRC
@@ -112,7 +112,7 @@ def test_knn_cuda_matches_cpu():
 @pytest.mark.slow
 def test_more_than_2_31_output_elements(monkeypatch):
     """64-bit indexing: an output of 2^31 + 2^24 elements (about 4.3 GB in float16)."""
-    monkeypatch.setattr(backends, "_backend", "cuda")
+    monkeypatch.setattr(backends.BACKEND, "value", "cuda")
     n, c = (1 << 23) + (1 << 16), 256
     feat = torch.randn(1, 1024, c, device="cuda", dtype=torch.float16)
     idx = torch.randint(0, 1024, (1, n, 2), device="cuda")

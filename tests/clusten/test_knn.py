@@ -97,4 +97,4 @@ def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypa
         assert torch.equal(clusten.knn(query, database, 4), ref_idx)
     assert len(calls) == 1 and clusten.get_knn_method() == "auto"
     with pytest.raises(ValueError, match="CLUSTEN_KNN='grid': expected one of auto, brute_force"):
-        knn_search._validated_method("grid", knn_search.SEARCH_ENV)
+        knn_search.METHOD.validated("grid", knn_search.SEARCH_ENV)

@@ -60,3 +60,8 @@ def benchmark():
 @pytest.fixture(scope="session")
 def demo():
     return import_script("demo", "demo")
+
+
+@pytest.fixture(scope="session")
+def train_net():
+    return import_script("", "train_net")

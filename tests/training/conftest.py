@@ -103,3 +103,25 @@ def registered_root(synthetic_root, monkeypatch):
     register_standard_datasets(synthetic_root)
     yield synthetic_root
     register_standard_datasets(default_root)
+
+
+def semantic_train_and_infer(model, height=64, width=96):
+    """One training step (two masks, loss finite, backward run) and one inference at half size
+    of a semantic MaskFormer; returns the inference result."""
+    import torch
+    from detectron2.structures import Instances
+
+    instances = Instances((height, width))
+    instances.gt_classes = torch.tensor([3, 7])
+    instances.gt_masks = torch.zeros(2, height, width, dtype=torch.bool)
+    instances.gt_masks[0, :, : width // 2] = True
+    instances.gt_masks[1, :, width // 2:] = True
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)
+    model.train()
+    total = sum(model([{"image": image, "instances": instances}]).values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        (result,) = model([{"image": image, "height": height // 2, "width": width // 2}])
+    return result

@@ -7,7 +7,7 @@ import torch
 
 from aff_seg import load_config
 
-from .conftest import CONFIGS, TINY_OPTS
+from .conftest import CONFIGS, TINY_OPTS, semantic_train_and_infer
 
 FOCAL_TINY_OPTS = ["MODEL.FOCAL.EMBED_DIM", "16", "MODEL.FOCAL.DEPTHS", "[1, 1, 1, 1]",
                    "MODEL.FOCAL.NUM_HEADS", "[1, 2, 2, 4]"]
@@ -19,24 +19,11 @@ FOCAL_TINY_OPTS = ["MODEL.FOCAL.EMBED_DIM", "16", "MODEL.FOCAL.DEPTHS", "[1, 1, 
 ])
 def test_focal_trains_and_infers_through_both_heads(config, backbone, decoder):
     from detectron2.modeling import build_model
-    from detectron2.structures import Instances
 
     cfg = load_config(os.path.join(CONFIGS, "synthetic", config), TINY_OPTS + FOCAL_TINY_OPTS)
     model = build_model(cfg)
     assert type(model.backbone).__name__ == backbone
     assert type(model.sem_seg_head.predictor).__name__ == decoder
-    instances = Instances((64, 96))
-    instances.gt_classes = torch.tensor([3, 7])
-    instances.gt_masks = torch.zeros(2, 64, 96, dtype=torch.bool)
-    instances.gt_masks[0, :, :40] = True
-    instances.gt_masks[1, :, 40:] = True
-    image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
-    model.train()
-    total = sum(model([{"image": image, "instances": instances}]).values())
-    assert torch.isfinite(total)
-    total.backward()
+    result = semantic_train_and_infer(model)
     assert model.backbone.layers[0].blocks[0].attn.relative_position_bias_table_to_neighbors.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        (result,) = model([{"image": image, "height": 32, "width": 48}])
     assert result["sem_seg"].shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 32, 48)

@@ -10,6 +10,7 @@ from aff_seg.data.dataset_mappers import (
     MaskFormerInstanceDatasetMapper,
     MaskFormerPanopticDatasetMapper,
     MaskFormerSemanticDatasetMapper,
+    TRAIN_MAPPERS,
     build_train_mapper,
 )
 from aff_seg.data.dataset_mappers.utils import pad_to_multiple
@@ -97,3 +98,11 @@ def test_unknown_mapper_name_is_named(registered_root, tmp_path):
     cfg.INPUT.DATASET_MAPPER_NAME = "nope"
     with pytest.raises(ValueError, match="INPUT.DATASET_MAPPER_NAME"):
         build_train_mapper(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_MAPPERS))
+def test_every_mapper_is_a_training_mapper(name, tmp_path):
+    """Every mapper refuses is_train=False the same way, naming itself."""
+    cfg = tiny_cfg("ade20k_semantic", tmp_path)
+    with pytest.raises(ValueError, match=f"{TRAIN_MAPPERS[name].__name__} is a training mapper"):
+        TRAIN_MAPPERS[name](cfg, False)

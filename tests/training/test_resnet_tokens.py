@@ -6,7 +6,7 @@ import torch
 
 from aff_seg.modeling.backbone.resnet_tokens import grid_tokens
 
-from .conftest import CONFIGS, TINY_OPTS
+from .conftest import CONFIGS, TINY_OPTS, semantic_train_and_infer
 
 
 def test_grid_tokens_positions_are_cell_centres_in_stride4_units():
@@ -26,7 +26,6 @@ def test_grid_tokens_positions_are_cell_centres_in_stride4_units():
 def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from detectron2.structures import Instances
 
     from aff_seg import add_maskformer2_config
 
@@ -40,20 +39,7 @@ def test_r50_tokens_train_and_infer_through_the_point_cloud_heads():
     assert out["res2"].shape == (1, 16 * 24, 64) and out["res5"].shape == (1, 2 * 3, 512)
     assert out["res3_spatial_shape"] == (16, 24) and out["res5_pos"].shape == (1, 6, 2)
 
-    instances = Instances((64, 64))
-    instances.gt_classes = torch.tensor([3, 7])
-    instances.gt_masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-    instances.gt_masks[0, :, :40] = True
-    instances.gt_masks[1, :, 40:] = True
-    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
-    model.train()
-    losses = model([{"image": image, "instances": instances}])
-    total = sum(losses.values())
-    assert torch.isfinite(total)
-    total.backward()
+    result = semantic_train_and_infer(model, 64, 64)
     assert model.backbone.resnet.stem.conv1.weight.grad is not None
-    model.eval()
-    with torch.no_grad():
-        (result,) = model([{"image": image, "height": 32, "width": 32}])
     assert result["sem_seg"].shape == (150, 32, 32)
 

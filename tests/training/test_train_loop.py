@@ -70,9 +70,10 @@ class _KillAfter(HookBase):
 
 @pytest.mark.parametrize("task", ["ade20k_semantic", "coco_panoptic", "coco_instance", "cityscapes_panoptic"])
 def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_root, tmp_path):
-    """With the shipped aspect-ratio grouping on (images of both orientations in the ADE and
-    COCO sets), for every config family."""
-    schedule = ["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
+    """With the shipped aspect-ratio grouping on, for every config family. In the COCO sets the
+    images have both orientations, and at the checkpoint (iteration 2) detectron2's grouping
+    would hold a sample back that the checkpoint does not have."""
+    schedule = ["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "0",
                 "MODEL.AFF.DROP_PATH_RATE", "0.2", "DATALOADER.ASPECT_RATIO_GROUPING", "True"]
     if task == "ade20k_semantic":
         schedule += ["INPUT.COLOR_AUG_SSD", "True"]
@@ -80,12 +81,12 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_ro
 
     cfg = tiny_cfg(task, tmp_path / "interrupted", *schedule)
     with pytest.raises(_Interrupt):
-        train(cfg, extra_hooks=[_KillAfter(2)])  # iterations 0-2 ran; the checkpoint is of iteration 1
-    assert (tmp_path / "interrupted" / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+        train(cfg, extra_hooks=[_KillAfter(3)])  # iterations 0-3 ran; the checkpoint is of iteration 2
+    assert (tmp_path / "interrupted" / "last_checkpoint").read_text().strip() == "model_0000002.pth"
     seed_all_rng(cfg.SEED + 1)  # a restarted process: its RNG state must not matter
     resumed = Trainer(cfg)
     resumed.resume_or_load(resume=True)
-    assert resumed.start_iter == 2
+    assert resumed.start_iter == 3
     resumed.train()
 
     expected, got = reference.model.state_dict(), resumed.model.state_dict()
@@ -93,7 +94,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(task, registered_ro
     differing = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not differing, differing[:5]
     # the resumed run did train: its weights moved on from the checkpoint it started from
-    checkpoint = torch.load(tmp_path / "interrupted" / "model_0000001.pth", weights_only=False)["model"]
+    checkpoint = torch.load(tmp_path / "interrupted" / "model_0000002.pth", weights_only=False)["model"]
     assert not torch.equal(checkpoint["sem_seg_head.predictor.class_embed.weight"],
                            got["sem_seg_head.predictor.class_embed.weight"])
 
@@ -197,15 +198,17 @@ def test_mixed_precision_training_follows_fp32(precision, registered_root, tmp_p
     assert abs(mean(low[-10:]) - mean(fp32[-10:])) < 0.15 * mean(fp32[-10:]), (low[-10:], fp32[-10:])
 
 
-def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path):
-    """The grid Mask2Former (ResNet maps, upstream heads): train 3 iterations; as if killed after
-    the checkpoint of iteration 1, resume (train_net's --resume path) and run iteration 2; then
-    train_net.py --eval-only of the final weights reproduces the final evaluation."""
+@pytest.mark.parametrize("name", ["ade20k_semantic_grid",
+                                  pytest.param("ade20k_semantic_faseg_grid", marks=pytest.mark.slow)])
+def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path, name):
+    """The grid Mask2Former (ResNet maps, upstream heads) and FASeg on it: train 3 iterations; as
+    if killed after the checkpoint of iteration 1, resume (train_net's --resume path) and run
+    iteration 2; then train_net.py --eval-only of the final weights reproduces the final evaluation."""
     from detectron2.config import get_cfg
 
     from aff_seg import add_maskformer2_config
 
-    config = os.path.join(CONFIGS, "synthetic/ade20k_semantic_grid.yaml")
+    config = os.path.join(CONFIGS, f"synthetic/{name}.yaml")
     opts = tiny_opts("ade20k_semantic", tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2)
     cfg = get_cfg()
     add_maskformer2_config(cfg)
@@ -223,3 +226,41 @@ def test_grid_model_trains_resumes_and_evaluates(registered_root, tmp_path):
     expected = resumed._last_eval_results["sem_seg"]
     assert {k: round(expected[k], 4) for k in ("mIoU", "fwIoU", "mACC", "pACC")} == {
         k: v for k, v in _copypaste_metrics(evaluated).items() if k in ("mIoU", "fwIoU", "mACC", "pACC")}
+
+
+def test_cluster_launchers_train_to_the_same_weights(synthetic_root, tmp_path):
+    """The same 2-process job three ways: ``torchrun --nproc_per_node 2``, two "machines" of one
+    process each (``--num-machines 2 --machine-rank r``, gloo over localhost), and a Slurm job of
+    two tasks (its ``SLURM_*`` environment given by hand): the same weights."""
+    from detectron2.engine.launch import _find_free_port
+
+    config = os.path.join(CONFIGS, TASKS["ade20k_semantic"])
+    env = dict(os.environ, DETECTRON2_DATASETS=synthetic_root, OMP_NUM_THREADS="1")
+    train_net = os.path.join(REPO, "train_net.py")
+
+    def args(name):
+        return ["--config-file", config, *tiny_opts("ade20k_semantic", tmp_path / name, "DATASETS.TEST", "()",
+                                                    "MODEL.DEVICE", "cpu")]
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    jobs = [([torchrun, "--nproc_per_node", "2", "--master_port", str(_find_free_port()), train_net,
+              *args("torchrun")], {})]
+    machines_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    jobs += [([sys.executable, train_net, "--num-machines", "2", "--machine-rank", str(rank),
+               "--dist-url", machines_url, *args("machines")], {}) for rank in (0, 1)]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(_find_free_port())}
+    jobs += [([sys.executable, train_net, *args("slurm")], dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+             for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, **extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, extra in jobs]
+    for proc in procs:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-4000:]
+
+    weights = {name: torch.load(tmp_path / name / "model_final.pth", weights_only=False)["model"]
+               for name in ("torchrun", "machines", "slurm")}
+    assert "World size: 2" in (tmp_path / "slurm" / "log.txt").read_text()
+    for name in ("machines", "slurm"):
+        for key, value in weights["torchrun"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")

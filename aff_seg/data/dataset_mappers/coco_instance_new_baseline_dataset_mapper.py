@@ -20,11 +20,9 @@ class COCOInstanceNewBaselineDatasetMapper(LargeScaleJitterMapper):
     def __call__(self, dataset_dict):
         dataset_dict, transforms, original_shape = self.read_and_augment(dataset_dict)
         image_shape = dataset_dict["image"].shape[1:]
-        annotations = dataset_dict.pop("annotations", None)
-        if not self.is_train or annotations is None:
-            return dataset_dict
-
-        classes, masks = annotation_segments(annotations, transforms, original_shape)
+        if "annotations" not in dataset_dict:
+            raise ValueError(f"{dataset_dict['file_name']}: no 'annotations' to train on")
+        classes, masks = annotation_segments(dataset_dict.pop("annotations"), transforms, original_shape)
         # drop the instances the crop removed; boxes are tight around what is left
         kept = [i for i, m in enumerate(masks) if m.any()]
         instances = segments_to_instances([classes[i] for i in kept], [masks[i] for i in kept], image_shape)

@@ -19,9 +19,6 @@ class COCOPanopticNewBaselineDatasetMapper(LargeScaleJitterMapper):
     def __call__(self, dataset_dict):
         dataset_dict, transforms, _ = self.read_and_augment(dataset_dict)
         image_shape = dataset_dict["image"].shape[1:]
-        if not self.is_train:
-            dataset_dict.pop("annotations", None)
-            return dataset_dict
         if "pan_seg_file_name" not in dataset_dict:
             raise ValueError(f"{dataset_dict['file_name']}: no 'pan_seg_file_name' to train on")
 

@@ -13,6 +13,7 @@ from .utils import (
     annotation_segments,
     crop_and_colour_augmentations,
     pad_to_multiple,
+    require_training,
     segments_to_instances,
 )
 
@@ -39,9 +40,7 @@ class MaskFormerInstanceDatasetMapper:
             image_format: format for ``read_image``.
             size_divisibility: pad to a multiple of this (<= 0: no padding).
         """
-        if not is_train:
-            raise ValueError(f"{type(self).__name__} is a training mapper; got is_train=False")
-        self.is_train = is_train
+        require_training(self, is_train)
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.size_divisibility = size_divisibility

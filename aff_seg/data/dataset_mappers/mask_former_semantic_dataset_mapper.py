@@ -14,6 +14,7 @@ from .utils import (
     crop_and_colour_augmentations,
     pad_to_multiple,
     read_label_map,
+    require_training,
     segments_to_instances,
 )
 
@@ -42,9 +43,7 @@ class MaskFormerSemanticDatasetMapper:
             ignore_label: label value that is no class (and pads the label map).
             size_divisibility: pad to a multiple of this (<= 0: no padding).
         """
-        if not is_train:
-            raise ValueError(f"{type(self).__name__} is a training mapper; got is_train=False")
-        self.is_train = is_train
+        require_training(self, is_train)
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label

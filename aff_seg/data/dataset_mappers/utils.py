@@ -84,6 +84,14 @@ def large_scale_jitter_augmentations(cfg):
     return augs
 
 
+def require_training(mapper, is_train):
+    """Every mapper here is a training mapper (evaluation uses detectron2's ``DatasetMapper``):
+    ``is_train=False`` is refused, naming the mapper."""
+    if not is_train:
+        raise ValueError(f"{type(mapper).__name__} is a training mapper; got is_train=False "
+                         "(evaluation uses detectron2's DatasetMapper)")
+
+
 class LargeScaleJitterMapper:
     """What the two LSJ mappers (``coco_instance_lsj``, ``coco_panoptic_lsj``) share: read the
     image, apply the large-scale-jitter augmentations; subclasses add their targets."""
@@ -95,11 +103,11 @@ class LargeScaleJitterMapper:
     def __init__(self, is_train=True, *, tfm_gens, image_format):
         """
         Args:
-            is_train: False only strips annotations (evaluation normally uses ``DatasetMapper``).
+            is_train: must be True; evaluation uses detectron2's ``DatasetMapper``.
             tfm_gens: list of detectron2 augmentations (see ``large_scale_jitter_augmentations``).
             image_format: format for ``read_image``.
         """
-        self.is_train = is_train
+        require_training(self, is_train)
         self.tfm_gens = tfm_gens
         self.image_format = image_format
         logging.getLogger(__name__).info(f"[{type(self).__name__}] augmentations: {tfm_gens}")

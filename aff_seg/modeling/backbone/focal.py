@@ -27,11 +27,12 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import DropPath, Mlp
+from .mit import DenseMapsBackbone, check_out_features
 from .resnet_tokens import MapsAsTokens
 
 __all__ = [
@@ -442,25 +443,18 @@ def focal_classification_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if not k.startswith(("head.", "norm."))}, dropped
 
 
-OUT_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-
-
 @BACKBONE_REGISTRY.register()
-class D2FocalTransformer(FocalTransformer, Backbone):
+class D2FocalTransformer(DenseMapsBackbone, FocalTransformer):
     """The Focal Transformer built from ``cfg.MODEL.FOCAL.*``: ``res2..res5`` dense maps
     ``b x C_i x H/s x W/s`` (strides 4, 8, 16, 32; the input is padded to a multiple of 32)."""
 
-    output_format = "maps"
-
     @configurable
     def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **focal_kwargs):
-        unknown = [f for f in out_features if f not in OUT_STRIDES]
-        if unknown:
-            raise ValueError(f"MODEL.FOCAL.OUT_FEATURES: unknown {unknown}, expected some of {list(OUT_STRIDES)}")
-        super().__init__(out_indices=[int(f[3:]) - 2 for f in out_features], **focal_kwargs)
-        self._out_features = list(out_features)
-        self._out_feature_strides = {f: OUT_STRIDES[f] for f in out_features}
-        self._out_feature_channels = {f: self.num_features[int(f[3:]) - 2] for f in out_features}
+        out_indices = check_out_features(out_features, "MODEL.FOCAL.OUT_FEATURES")
+        FocalTransformer.__init__(self, out_indices=out_indices, **focal_kwargs)
+        self._set_outputs(out_features, self.num_features)
+
+    forward = FocalTransformer.forward
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -501,16 +495,6 @@ class D2FocalTransformer(FocalTransformer, Backbone):
             pretrain_img_size=focal.PRETRAIN_IMG_SIZE,
             out_features=list(focal.OUT_FEATURES),
         )
-
-    @property
-    def size_divisibility(self):
-        return 32
-
-    def output_shape(self):
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }
 
 
 @BACKBONE_REGISTRY.register()

@@ -6,6 +6,7 @@ So the point-cloud pixel decoder and transformer decoder can run on grid tokens 
 (AFF) tokens alike, and the two can be compared in one harness.
 """
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
@@ -69,12 +70,18 @@ class D2ResNetTokens(MapsAsTokens, Backbone):
     (``MapsAsTokens``). The input must be padded to a multiple of 32 (``MASK_FORMER.SIZE_DIVISIBILITY``).
     """
 
-    def __init__(self, cfg, input_shape):
+    @configurable
+    def __init__(self, *, resnet: Backbone):
+        """resnet: the detectron2 ResNet whose ``res2..res5`` maps become tokens."""
         super().__init__()
-        self.resnet = build_resnet_backbone(cfg, input_shape)
+        self.resnet = resnet
         self._out_features = list(self.resnet._out_features)
         self._out_feature_strides = dict(self.resnet._out_feature_strides)
         self._out_feature_channels = dict(self.resnet._out_feature_channels)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {"resnet": build_resnet_backbone(cfg, input_shape)}
 
     @property
     def size_divisibility(self):

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-__all__ = ["FORMATS", "detect_format", "convert", "describe", "compare_with_model"]
+__all__ = ["FORMATS", "detect_format", "convert", "describe"]
 
 FORMATS = {
     "nvlabs": "NVlabs/SegFormer (mmseg) SegFormer checkpoint",
@@ -158,24 +158,3 @@ def describe(converted):
     head = converted.get("sem_seg_head.classifier.weight")
     classes = f", {head.shape[0]} classes" if head is not None else ", encoder only"
     return f"{family} encoder, widths {widths}, depths {depths}{classes}"
-
-
-def compare_with_model(converted, model_state):
-    """Names/shapes of ``converted`` against the model's ``state_dict``.
-
-    Returns:
-        ``(unexpected, mismatched, missing)``: checkpoint names the model lacks; ``name: ckpt shape vs model
-        shape`` strings; model names the checkpoint lacks (only under the prefixes it covers:
-        ``backbone.``, and ``sem_seg_head.`` when it has a head).
-    """
-    unexpected = sorted(k for k in converted if k not in model_state)
-    mismatched = sorted(
-        f"{k}: {tuple(converted[k].shape)} vs {tuple(model_state[k].shape)}"
-        for k in converted if k in model_state and converted[k].shape != model_state[k].shape
-    )
-    prefixes = ("backbone.", "sem_seg_head.") if any(k.startswith("sem_seg_head.") for k in converted) else ("backbone.",)
-    missing = sorted(
-        k for k in model_state
-        if k.startswith(prefixes) and k not in converted and not k.endswith("num_batches_tracked")
-    )
-    return unexpected, mismatched, missing

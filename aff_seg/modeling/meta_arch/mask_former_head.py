@@ -27,8 +27,6 @@ class MaskFormerHead(nn.Module):
         *,
         num_classes: int,
         pixel_decoder: nn.Module,
-        loss_weight: float = 1.0,
-        ignore_value: int = -1,
         transformer_predictor: nn.Module,
         transformer_in_feature: str,
         output_format: str = "maps",
@@ -40,7 +38,6 @@ class MaskFormerHead(nn.Module):
             pixel_decoder: module with ``forward_features``: the 3-tuple of
                 ``MSDeformAttnPixelDecoder`` (maps) or the 5-tuple of ``MSDeformAttnPixelDecoderPc``
                 (tokens).
-            loss_weight, ignore_value: kept for config compatibility (unused by the set losses).
             transformer_predictor: the transformer decoder.
             transformer_in_feature: must be "multi_scale_pixel_decoder" (the only mode the
                 pixel decoders support).
@@ -53,12 +50,8 @@ class MaskFormerHead(nn.Module):
                 f"of the pixel decoders here), got {transformer_in_feature!r}"
             )
         self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
-        self.ignore_value = ignore_value
-        self.common_stride = 4
-        self.loss_weight = loss_weight
         self.pixel_decoder = pixel_decoder
         self.predictor = transformer_predictor
-        self.transformer_in_feature = transformer_in_feature
         self.num_classes = num_classes
         self.output_format = output_format
 
@@ -67,28 +60,25 @@ class MaskFormerHead(nn.Module):
         head = cfg.MODEL.SEM_SEG_HEAD
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
-            "ignore_value": head.IGNORE_VALUE,
             "num_classes": head.NUM_CLASSES,
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),
-            "loss_weight": head.LOSS_WEIGHT,
             "transformer_in_feature": cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE,
             "transformer_predictor": build_transformer_decoder(cfg, head.CONVS_DIM, mask_classification=True),
             "output_format": backbone_output_format(cfg),
         }
 
-    def forward(self, features, mask=None):
+    def forward(self, features):
         """features: the backbone's dict -> the transformer decoder's prediction dict."""
-        return self.layers(features, mask)
+        return self.layers(features)
 
-    def layers(self, features, mask=None):
+    def layers(self, features):
         if self.output_format == "tokens":
             mask_features, mf_pos, _, multi_scale_features, multi_scale_poss = self.pixel_decoder.forward_features(
                 features)
             canvas_hw = features[self.in_features[0] + "_spatial_shape"]
-            return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, mask,
-                                  canvas_hw=canvas_hw)
+            return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, canvas_hw)
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, mask_features, mask)
+        return self.predictor(multi_scale_features, mask_features)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -106,6 +96,6 @@ class MaskFormerHeadFASeg(MaskFormerHead):
                 "'MultiScaleMaskedTransformerDecoderFASeg' (the point-cloud variant)"
             )
 
-    def layers(self, features, mask=None):
+    def layers(self, features):
         mask_features, _, multi_scale_features, pos = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, mask_features, mask, pos)
+        return self.predictor(multi_scale_features, mask_features, pos)

@@ -49,7 +49,6 @@ class MaskFormer(nn.Module):
         backbone: Backbone,
         sem_seg_head: nn.Module,
         criterion: nn.Module,
-        num_queries: int,
         object_mask_threshold: float,
         overlap_threshold: float,
         metadata,
@@ -67,7 +66,6 @@ class MaskFormer(nn.Module):
         Args:
             backbone: detectron2 Backbone returning tokens (AFF's dict) or dense maps.
             sem_seg_head: MaskFormerHead; criterion: SetCriterion.
-            num_queries: Q.
             object_mask_threshold: panoptic: minimum class score of a kept query.
             overlap_threshold: panoptic: minimum visible / predicted area of a kept segment.
             metadata: the dataset's metadata (thing ids for panoptic / instance inference).
@@ -85,7 +83,6 @@ class MaskFormer(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
-        self.num_queries = num_queries
         self.overlap_threshold = overlap_threshold
         self.object_mask_threshold = object_mask_threshold
         self.metadata = metadata
@@ -153,7 +150,6 @@ class MaskFormer(nn.Module):
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": criterion,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
             "metadata": metadata,
@@ -283,18 +279,19 @@ def _resize_matrix(n_in, n_out, device):
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
 
 
-def _taps(matrix):
-    """The at most 4 non-zero weights of each row of a resize matrix: (index, weight), ``n_out x t``."""
-    weight, index = matrix.topk(min(4, matrix.shape[1]), dim=1)
-    return index, weight
+def _resize_rows(x, matrix):
+    """``C x n_in x w`` resized along its rows by the ``r x n_in`` rows of a resize matrix."""
+    used = matrix.ne(0).any(0).nonzero()
+    lo, hi = int(used.min()), int(used.max()) + 1  # the input rows these output rows read
+    return torch.einsum("rh,chw->crw", matrix[:, lo:hi], x[:, lo:hi])
 
 
-def _resize_rows(x, taps, dim):
-    """Resize ``x`` along ``dim`` (1 or 2 of a 3-D tensor) with ``_taps``."""
-    index, weight = taps
-    if dim == 1:
-        return (x[:, index] * weight[None, :, :, None]).sum(2)
-    return (x[:, :, index] * weight[None, None]).sum(-1)
+def _resize_columns(x, width):
+    """``C x r x w`` resized to ``C x r x width`` exactly as ``F.interpolate`` resizes the columns
+    of the whole map (rows keep their size, so their weights are 1 and 0)."""
+    if x.shape[-1] == width:
+        return x
+    return F.interpolate(x[None], size=(x.shape[1], width), mode="bilinear", align_corners=False)[0]
 
 
 def semantic_labels(mask_cls, mask_pred, padded_hw, image_size, output_hw, postprocess_before_inference):
@@ -303,7 +300,8 @@ def semantic_labels(mask_cls, mask_pred, padded_hw, image_size, output_hw, postp
     The same maths as ``MaskFormer.forward``: mask logits resized to the padded input, cropped
     to the image; then either (``postprocess_before_inference``) resized to the output, sigmoid,
     class-weighted sum; or sigmoid, class-weighted sum, and the scores resized to the output.
-    Computed ``SEMANTIC_LABEL_ROWS`` output rows at a time, so memory grows with the image width,
+    Computed ``SEMANTIC_LABEL_ROWS`` output rows at a time (rows by the resize weights of the few
+    input rows they read, columns by ``F.interpolate``), so memory grows with the image width,
     not its area. Equal to the argmax of the full computation up to float rounding.
 
     Args:
@@ -313,28 +311,27 @@ def semantic_labels(mask_cls, mask_pred, padded_hw, image_size, output_hw, postp
     Returns:
         ``height x width`` int64 class indices.
     """
-    device = mask_pred.device
     probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
-    first, second = [], []
-    for n_in, n_pad, n_img, n_out in zip(mask_pred.shape[-2:], padded_hw, image_size, output_hw):
-        to_image = _resize_matrix(n_in, n_pad, device)[:n_img]
-        to_output = _resize_matrix(n_img, n_out, device)
-        if postprocess_before_inference:
-            first.append(_taps(to_output @ to_image))
-        else:
-            first.append(_taps(to_image))
-            second.append(_taps(to_output))
+    to_image = _resize_matrix(mask_pred.shape[-2], padded_hw[0], mask_pred.device)[: image_size[0]]
+    to_output = _resize_matrix(image_size[0], output_hw[0], mask_pred.device)
+
+    def image_logits(rows):  # Q x r x W for these image rows
+        logits = _resize_rows(mask_pred, rows)
+        return _resize_columns(logits, padded_hw[1])[..., : image_size[1]]
+
     labels = []
     for start in range(0, output_hw[0], SEMANTIC_LABEL_ROWS):
         rows = slice(start, start + SEMANTIC_LABEL_ROWS)
         if postprocess_before_inference:
-            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][rows], first[0][1][rows]), 1), first[1], 2)
+            logits = _resize_columns(image_logits(to_output[rows] @ to_image), output_hw[1])
             scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+        elif image_size[0] == output_hw[0]:  # no row resizing after the crop
+            scores = torch.einsum("qk,qhw->khw", probs, image_logits(to_image[rows]).sigmoid())
+            scores = _resize_columns(scores, output_hw[1])
         else:
-            index, weight = second[0][0][rows], second[0][1][rows]
-            lo, hi = int(index.min()), int(index.max()) + 1  # the image rows these output rows read
-            logits = _resize_rows(_resize_rows(mask_pred, (first[0][0][lo:hi], first[0][1][lo:hi]), 1), first[1], 2)
-            image_scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
-            scores = _resize_rows(_resize_rows(image_scores, (index - lo, weight), 1), second[1], 2)
+            used = to_output[rows].ne(0).any(0).nonzero()
+            lo, hi = int(used.min()), int(used.max()) + 1  # the image rows these output rows read
+            image_scores = torch.einsum("qk,qhw->khw", probs, image_logits(to_image[lo:hi]).sigmoid())
+            scores = _resize_columns(torch.einsum("rh,khw->krw", to_output[rows, lo:hi], image_scores), output_hw[1])
         labels.append(scores.argmax(0))
     return torch.cat(labels)

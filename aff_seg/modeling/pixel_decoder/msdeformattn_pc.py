@@ -295,12 +295,10 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
         )
         self.pe_layer = PointPositionEmbeddingSine(conv_dim // 2)
 
-        self.mask_dim = mask_dim
         self.mask_features = nn.Linear(conv_dim, mask_dim)
         weight_init.c2_xavier_fill(self.mask_features)
 
         self.maskformer_num_feature_levels = 3  # the transformer decoder always uses 3 levels
-        self.common_stride = common_stride
         min_stride = min(v.stride for _, v in enc_shapes)
         self.num_fpn_levels = int(math.log2(min_stride) - math.log2(common_stride))
         if self.num_fpn_levels != 1:

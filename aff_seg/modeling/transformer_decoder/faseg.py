@@ -178,18 +178,16 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
     def make_position_encoding(self, num_pos_feats):
         return None  # the encodings come from the pixel decoder
 
-    def forward(self, x, mask_features, mask=None, pos_list=None):
+    def forward(self, x, mask_features, pos_list=None):
         """
         Args:
             x: 4 maps ``b x c x h_l x w_l`` (res5, res4, res3, res2).
             mask_features: ``b x mask_dim x H/4 x W/4``.
-            mask: unused (padding is not masked, as upstream).
             pos_list: the 4 levels' position encodings, shaped as ``x``.
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x H/4 x W/4`` and
             ``aux_outputs`` (one such dict per earlier prediction: 1 + the number of layers).
         """
-        del mask
         if len(x) != self.num_feature_levels or pos_list is None or len(pos_list) != self.num_feature_levels:
             raise ValueError(
                 f"{type(self).__name__} needs {self.num_feature_levels} feature maps and their position encodings "

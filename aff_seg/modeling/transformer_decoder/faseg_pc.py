@@ -73,11 +73,9 @@ class MultiScaleMaskedTransformerDecoderFASegPc(MultiScaleMaskedTransformerDecod
     def from_config(cls, cfg, in_channels, mask_classification):
         return {**super().from_config(cfg, in_channels, mask_classification), **faseg_options(cfg)}
 
-    def forward(self, x, pos, mask_features, mf_pos, mask=None, canvas_hw=None):
+    def forward(self, x, pos, mask_features, mf_pos, canvas_hw):
         """As ``MultiScaleMaskedTransformerDecoderPc.forward`` (same inputs and outputs)."""
-        del mask
-        if canvas_hw is None:
-            canvas_hw = self._canvas_size(mf_pos)
+        self._check_canvas(canvas_hw, mf_pos)
         src, pos_emb = self._sources(x, pos)
         level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]

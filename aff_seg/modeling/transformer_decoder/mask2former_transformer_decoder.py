@@ -187,7 +187,6 @@ class MaskedTransformerDecoderBase(nn.Module):
         super().__init__()
         if not mask_classification:
             raise ValueError(f"{type(self).__name__} only supports mask_classification=True")
-        self.mask_classification = mask_classification
         self.pe_layer = self.make_position_encoding(hidden_dim // 2)
         self.num_heads = nheads
         self.num_layers = dec_layers
@@ -263,23 +262,20 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
     def make_input_proj(self, in_channels, hidden_dim):
         return nn.Linear(in_channels, hidden_dim)
 
-    def forward(self, x, pos, mask_features, mf_pos, mask=None, canvas_hw=None):
+    def forward(self, x, pos, mask_features, mf_pos, canvas_hw):
         """
         Args:
             x: list of 3 ``b x n_l x c`` level features (res5, res4, res3).
             pos: list of 3 ``b x n_l x 2`` level positions.
             mask_features: ``b x n x mask_dim`` on the res2 tokens (all h*w grid pixels).
             mf_pos: ``b x n x 2`` res2 positions.
-            mask: unused (padding is not masked, as upstream).
-            canvas_hw: (h, w) of the stride-4 canvas the res2 tokens tile; None: read from
-                ``mf_pos`` (a host read; the head passes the backbone's ``res2_spatial_shape``).
+            canvas_hw: (h, w) of the stride-4 grid the res2 tokens tile (the backbone's
+                ``res2_spatial_shape``).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x h x w`` and
             ``aux_outputs`` (in training, one such dict per earlier prediction; empty in eval).
         """
-        del mask
-        if canvas_hw is None:
-            canvas_hw = self._canvas_size(mf_pos)
+        self._check_canvas(canvas_hw, mf_pos)
         src, pos_emb = self._sources(x, pos)
         level_neighbours = self._level_neighbours(pos, mf_pos)
         b = src[0].shape[1]
@@ -338,16 +334,14 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos]
 
     @staticmethod
-    def _canvas_size(mf_pos):
-        """(h, w) of the canvas the res2 tokens tile: max y + 1, max x + 1 over the batch."""
-        h = int(mf_pos[..., 1].max().item()) + 1
-        w = int(mf_pos[..., 0].max().item()) + 1
+    def _check_canvas(canvas_hw, mf_pos):
+        """The res2 tokens must tile the (h, w) canvas: one token per grid pixel."""
+        h, w = canvas_hw
         if h * w != mf_pos.shape[1]:
             raise ValueError(
                 f"the mask-feature tokens must cover the stride-4 grid exactly: {mf_pos.shape[1]} tokens "
                 f"for a {h} x {w} canvas"
             )
-        return h, w
 
     def forward_prediction_heads(self, output, mask_features, mf_pos, target_neighbours, canvas_hw, with_canvas=True):
         """

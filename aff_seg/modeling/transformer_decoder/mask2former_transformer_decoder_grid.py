@@ -29,17 +29,15 @@ class MultiScaleMaskedTransformerDecoder(MaskedTransformerDecoderBase):
     def make_input_proj(self, in_channels, hidden_dim):
         return Conv2d(in_channels, hidden_dim, kernel_size=1)
 
-    def forward(self, x, mask_features, mask=None):
+    def forward(self, x, mask_features):
         """
         Args:
             x: ``num_feature_levels`` maps ``b x c x h_l x w_l`` (res5, res4, res3).
             mask_features: ``b x mask_dim x H/4 x W/4``.
-            mask: unused (padding is not masked, as upstream).
         Returns:
             dict with ``pred_logits`` ``b x Q x (K+1)``, ``pred_masks`` ``b x Q x H/4 x W/4`` and
             ``aux_outputs`` (one such dict per earlier prediction).
         """
-        del mask
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
         src, pos, size_list = [], [], []

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 import aff_seg  # noqa: F401
+from aff_seg.evaluation import SlidingWindowInference
 from aff_seg.modeling.backbone import MIT_SIZES, BoostFormer, MixVisionTransformer
 from aff_seg.modeling.backbone.boostformer import MixConv, PooledKVAttention, PoolBlock
 from aff_seg.modeling.backbone.mit import EfficientSelfAttention
@@ -196,5 +197,8 @@ def test_backbones_feed_the_mask2former_heads(backbone):
     sum(losses.values()).backward()
     assert model.backbone.patch_embed1.proj.weight.grad is not None if backbone == "D2MixVisionTransformer" else \
         model.backbone.patch_embeddings[0].conv.weight.grad is not None
+    image = [{"image": torch.rand(3, 70, 90) * 255}]
     with torch.no_grad():
-        assert model.eval()([{"image": torch.rand(3, 70, 90) * 255}])[0]["sem_seg"].shape == (150, 70, 90)
+        assert model.eval()(image)[0]["sem_seg"].shape == (150, 70, 90)
+        # the Mask2Former semantic output through sliding windows
+        assert SlidingWindowInference(model, (64, 64), (32, 32))(image)[0]["sem_seg"].shape == (150, 70, 90)

@@ -92,7 +92,7 @@ def test_layer_schedule_and_high_resolution_keys(monkeypatch, h, w, hr_keys):
 
     monkeypatch.setattr(type(decoder.transformer_cross_attention_layers[0]), "attend", spy)
     maps, mask_features, pos = decoder_inputs(h, w)
-    out = decoder(maps, mask_features, None, pos)
+    out = decoder(maps, mask_features, pos)
     assert len(out["aux_outputs"]) == 13 and out["pred_masks"].shape == (1, 4, h // 4, w // 4)
     n = [(h // s) * (w // s) for s in (32, 16, 8)]
     expected = [n[level] if level != HR else hr_keys for level in decoder.schedule]
@@ -118,7 +118,7 @@ def test_high_resolution_windows_follow_the_coarse_scores():
 def test_pre_norm_runs():
     torch.manual_seed(0)
     maps, mask_features, pos = decoder_inputs(128, 128)
-    out = small_decoder(pre_norm=True, dec_layers=5)(maps, mask_features, None, pos)
+    out = small_decoder(pre_norm=True, dec_layers=5)(maps, mask_features, pos)
     assert torch.isfinite(out["pred_logits"]).all()
 
 

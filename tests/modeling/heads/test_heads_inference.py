@@ -48,7 +48,7 @@ class NoBackbone(nn.Module):
 
 def scripted_model(metadata, num_classes, semantic=False, panoptic=False, instance=False, topk=100):
     return MaskFormer(
-        backbone=NoBackbone(), sem_seg_head=ScriptedHead(num_classes), criterion=nn.Identity(), num_queries=0,
+        backbone=NoBackbone(), sem_seg_head=ScriptedHead(num_classes), criterion=nn.Identity(),
         object_mask_threshold=0.8, overlap_threshold=0.8, metadata=metadata, size_divisibility=32,
         sem_seg_postprocess_before_inference=panoptic or instance, pixel_mean=[0.0, 0.0, 0.0],
         pixel_std=[1.0, 1.0, 1.0], semantic_on=semantic, panoptic_on=panoptic, instance_on=instance,

@@ -133,13 +133,13 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     poss = [feats[f"res{i}_pos"] for i in (5, 4, 3)]
     decoder = small_decoder(dim=dim)
     mask_features = torch.randn(b, h * w, dim)
-    out = decoder(levels, poss, mask_features, feats["res2_pos"])
+    out = decoder(levels, poss, mask_features, feats["res2_pos"], (h, w))
     assert out["pred_logits"].shape == (b, 5, 4)
     assert out["pred_masks"].shape == (b, 5, h, w)
     assert len(out["aux_outputs"]) == 4
     assert all(a["pred_masks"].shape == (b, 5, h, w) for a in out["aux_outputs"])
     # inference needs the last prediction only: no auxiliary canvases, the same final outputs
-    eval_out = decoder.eval()(levels, poss, mask_features, feats["res2_pos"])
+    eval_out = decoder.eval()(levels, poss, mask_features, feats["res2_pos"], (h, w))
     decoder.train()
     assert eval_out["aux_outputs"] == []
     assert torch.equal(eval_out["pred_masks"], out["pred_masks"])
@@ -165,7 +165,7 @@ def test_transformer_decoder_rejects_partial_canvas():
     feats = fake_features(1, (4, 4), channels=(32,) * 4)
     with pytest.raises(ValueError, match="cover the stride-4 grid"):
         small_decoder()([feats[f"res{i}"] for i in (5, 4, 3)], [feats[f"res{i}_pos"] for i in (5, 4, 3)],
-                        feats["res3"], feats["res3_pos"])
+                        feats["res3"], feats["res3_pos"], feats["res2_spatial_shape"])
 
 
 def test_points_to_canvas_places_values():

@@ -33,7 +33,7 @@ def model_and_features():
 def run_head(model, features):
     pixel_decoder, predictor = model.sem_seg_head.pixel_decoder, model.sem_seg_head.predictor
     mask_features, mf_pos, _, ms_feats, ms_poss = pixel_decoder.forward_features(features)
-    return mask_features, predictor(ms_feats, ms_poss, mask_features, mf_pos)
+    return mask_features, predictor(ms_feats, ms_poss, mask_features, mf_pos, features["res2_spatial_shape"])
 
 
 def test_deformable_geometry_stays_float32_under_autocast(model_and_features, monkeypatch):

@@ -26,7 +26,7 @@ def full_scores(mask_cls, mask_pred, padded_hw, image_size, output_hw, before):
 
 
 @pytest.mark.parametrize("before", [False, True])
-@pytest.mark.parametrize("output_hw", [(90, 70), (151, 97), (45, 35)])
+@pytest.mark.parametrize("output_hw", [(90, 70), (90, 80), (151, 97), (45, 35)])
 def test_labels_equal_the_argmax_of_the_full_scores(before, output_hw):
     torch.manual_seed(0)
     q, k, h, w = 6, 5, 24, 20  # stride-4 canvas of a 96 x 80 padded input holding a 90 x 70 image
