@@ -101,16 +101,16 @@ def brute_force_knn(query, database, k, return_dist=False):
     # float32 positions, float64 arithmetic, one b x d x n row per axis (unit stride).
     q = query.detach().float().double().transpose(1, 2).contiguous()
     db = database.detach().float().double().transpose(1, 2).contiguous()
-    idx = torch.empty(b, n, k, dtype=torch.int64, device=query.device)
-    dist = torch.empty(b, n, k, dtype=torch.float32, device=query.device) if return_dist else None
     pairs = CHUNK_PAIRS_CPU if query.device.type == "cpu" else CHUNK_PAIRS_GPU
+    idx, dist = [], []  # concatenated, not written into buffers: functional (export)
     for start, end in query_chunks(n, b * n_db, pairs):
         sq = _squared_distances(q[:, :, start:end], db)
         chunk_idx, chunk_sq = _k_smallest(sq, k)
-        idx[:, start:end] = chunk_idx
+        idx.append(chunk_idx)
         if return_dist:
-            dist[:, start:end] = chunk_sq.sqrt().float()
-    return (idx, dist) if return_dist else idx
+            dist.append(chunk_sq.sqrt().float())
+    idx = torch.cat(idx, dim=1)
+    return (idx, torch.cat(dist, dim=1)) if return_dist else idx
 
 
 def _squared_distances(q, db):
@@ -118,8 +118,8 @@ def _squared_distances(q, db):
     diff = q[:, 0, :, None] - db[:, 0, None, :]
     sq = diff * diff
     for axis in range(1, q.shape[1]):
-        torch.sub(q[:, axis, :, None], db[:, axis, None, :], out=diff)
-        sq.addcmul_(diff, diff)
+        diff = q[:, axis, :, None] - db[:, axis, None, :]
+        sq = torch.addcmul(sq, diff, diff)
     return sq
 
 

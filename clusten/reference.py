@@ -61,11 +61,11 @@ def gather_dot(x, y, idx):
     g, n, r, c = x.shape
     m = idx.shape[-1]
     acc = accumulate_dtype(x.dtype)
-    out = x.new_empty(g, n, m, r)
+    chunks = []  # concatenated, not written into a buffer: the function stays functional (export)
     for s, e in query_chunks(n, g * m * c):
         rows = _table_rows(idx[:, s:e], g, y.shape[1])
-        out[:, s:e] = torch.einsum("girc,gimc->gimr", x[:, s:e].to(acc), _gather(y, rows).to(acc))
-    return out
+        chunks.append(torch.einsum("girc,gimc->gimr", x[:, s:e].to(acc), _gather(y, rows).to(acc)).to(x.dtype))
+    return torch.cat(chunks, dim=1)
 
 
 def gather_sum(w, y, idx):
@@ -73,11 +73,11 @@ def gather_sum(w, y, idx):
     g, n, m, r = w.shape
     c = y.shape[-1]
     acc = accumulate_dtype(w.dtype)
-    out = w.new_empty(g, n, r, c)
+    chunks = []
     for s, e in query_chunks(n, g * m * c):
         rows = _table_rows(idx[:, s:e], g, y.shape[1])
-        out[:, s:e] = torch.einsum("gimr,gimc->girc", w[:, s:e].to(acc), _gather(y, rows).to(acc))
-    return out
+        chunks.append(torch.einsum("gimr,gimc->girc", w[:, s:e].to(acc), _gather(y, rows).to(acc)).to(w.dtype))
+    return torch.cat(chunks, dim=1)
 
 
 def scatter_sum(w, x, idx, n_src):
