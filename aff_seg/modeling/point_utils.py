@@ -26,7 +26,18 @@ __all__ = [
     "points_to_canvas",
     "gather_points",
     "autocast_off",
+    "grid_positions",
 ]
+
+def grid_positions(h, w, batch, device):
+    """All (x, y) of the ``h x w`` stride-4 grid in row-major order: ``batch x (h*w) x 2`` float32."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
+
 
 SHEPARD_EPS = 1e-11
 # without autograd, PointConv merges at most this many output tokens at a time: its
@@ -86,7 +97,7 @@ class PointConv(nn.Module):
             ``b x n x out_dim``.
         """
         n = nbhd_idx.shape[1]
-        if torch.is_grad_enabled() or n <= POINTCONV_CHUNK:
+        if torch.is_grad_enabled() or not isinstance(n, int) or n <= POINTCONV_CHUNK:  # (symbolic n: export)
             return self._merge(feat, nbhd_idx, offset, modulation)
         return torch.cat([
             self._merge(feat, nbhd_idx[:, s:s + POINTCONV_CHUNK], offset[:, s:s + POINTCONV_CHUNK],
