@@ -43,7 +43,9 @@ def test_every_imagenet_checkpoint_is_used_by_the_configs_it_names():
 
 
 def test_every_aff_segmentation_config_is_listed():
-    configs = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs/*/*/aff/*.yaml")))
+    # the original's model family (other heads on AFF, e.g. faseg_*, have no published checkpoint)
+    configs = sorted(os.path.relpath(p, ROOT)
+                     for p in glob.glob(os.path.join(ROOT, "configs/*/*/aff/maskformer2_aff_*.yaml")))
     published = {c for _, c in _segmentation_rows()}
     unlisted = [c for c in configs if c not in published]
     # the ones without a published checkpoint: COCO panoptic and Cityscapes semantic (this

@@ -119,16 +119,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's evaluation; with ``TEST.SLIDING_WINDOW.ENABLED`` the model runs on sliding windows
-        (test-time augmentation, ``test_with_TTA``, stays whole-image)."""
+        """``DefaultTrainer.test``; with ``TEST.AMP.ENABLED`` the model runs under bf16/fp16
+        autocast (outputs handed to the evaluators in float32); with ``TEST.SLIDING_WINDOW.ENABLED``
+        it runs on sliding windows (test-time augmentation, ``test_with_TTA``, stays whole-image);
+        metrics as plain numbers."""
         if cfg.TEST.SLIDING_WINDOW.ENABLED and not isinstance(model, SemanticSegmentorWithTTA):
             model = SlidingWindowInference.from_config(cfg, model)
-        return super().test(cfg, model, evaluators)
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """``DefaultTrainer.test``; with ``TEST.AMP.ENABLED`` the model runs under bf16/fp16
-        autocast (outputs handed to the evaluators in float32); metrics as plain numbers."""
         if cfg.TEST.AMP.ENABLED:
             model = AutocastInference(cfg, model)
         return plain_numbers(super().test(cfg, model, evaluators))

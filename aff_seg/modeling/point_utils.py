@@ -23,7 +23,18 @@ __all__ = [
     "shepard_interpolate",
     "points_to_canvas",
     "gather_points",
+    "grid_positions",
 ]
+
+def grid_positions(h, w, batch, device):
+    """All (x, y) of the ``h x w`` stride-4 grid in row-major order: ``batch x (h*w) x 2`` float32."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
+
 
 SHEPARD_EPS = 1e-11
 # without autograd, PointConv merges at most this many output tokens at a time: its

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..point_utils import gather_points, relative_position_features
+from ..point_utils import gather_points, grid_positions, relative_position_features
 from .attention import ClusterTransformerBlock
 from .clustering import cluster_neighbourhoods, space_filling_cluster
 from .merging import ClusterMerging, reserve_count
@@ -67,11 +67,7 @@ class PatchEmbed(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             x = self.norm(x)
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij"
-        )
-        pos = torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).float().expand(b, -1, -1)
-        return pos, x, h, w
+        return grid_positions(h, w, b, x.device), x, h, w
 
 
 class AFFStage(nn.Module):

@@ -5,9 +5,11 @@ output format) and the R50 baseline ``D2ResNetTokens`` (detectron2's ResNet thro
 So the point-cloud pixel decoder and transformer decoder can run on grid tokens and adaptive
 (AFF) tokens alike, and the two can be compared in one harness.
 """
-import torch
+from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from ..point_utils import grid_positions
 
 __all__ = ["D2ResNetTokens", "MapsAsTokens", "grid_tokens"]
 
@@ -29,10 +31,8 @@ def grid_tokens(feature, stride):
         raise ValueError(f"stride must be a multiple of {_GRID_STRIDE}, got {stride}")
     b, c, h, w = feature.shape
     scale = stride // _GRID_STRIDE
-    ys = torch.arange(h, device=feature.device, dtype=feature.dtype) * scale + (scale - 1) / 2
-    xs = torch.arange(w, device=feature.device, dtype=feature.dtype) * scale + (scale - 1) / 2
-    pos = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, h * w, 2)
-    return feature.flatten(2).transpose(1, 2), pos.expand(b, -1, -1)
+    pos = (grid_positions(h, w, b, feature.device) * scale + (scale - 1) / 2).to(feature.dtype)
+    return feature.flatten(2).transpose(1, 2), pos
 
 
 class MapsAsTokens:
@@ -69,12 +69,18 @@ class D2ResNetTokens(MapsAsTokens, Backbone):
     (``MapsAsTokens``). The input must be padded to a multiple of 32 (``MASK_FORMER.SIZE_DIVISIBILITY``).
     """
 
-    def __init__(self, cfg, input_shape):
+    @configurable
+    def __init__(self, *, resnet: Backbone):
+        """resnet: the detectron2 ResNet whose ``res2..res5`` maps become tokens."""
         super().__init__()
-        self.resnet = build_resnet_backbone(cfg, input_shape)
+        self.resnet = resnet
         self._out_features = list(self.resnet._out_features)
         self._out_feature_strides = dict(self.resnet._out_feature_strides)
         self._out_feature_channels = dict(self.resnet._out_feature_channels)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {"resnet": build_resnet_backbone(cfg, input_shape)}
 
     @property
     def size_divisibility(self):

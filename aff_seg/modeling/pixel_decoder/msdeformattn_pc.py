@@ -26,12 +26,19 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 import clusten
 
-from ..point_utils import PointConv, gather_points, shepard_interpolate, shepard_neighbours, shepard_weights
+from ..point_utils import (
+    PointConv,
+    gather_points,
+    grid_positions,
+    shepard_interpolate,
+    shepard_neighbours,
+    shepard_weights,
+)
 from ..transformer_decoder.position_encoding import PointPositionEmbeddingSine
 from ..variants import resolve_variant
 from .msdeformattn import MSDeformAttn, reset_encoder_parameters
 
-__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc", "grid_positions"]
+__all__ = ["build_pixel_decoder", "MSDeformAttnPc", "MSDeformAttnPixelDecoderPc"]
 
 # the FPN step interpolates res3 onto res2 from the 4 nearest tokens with weights ~ d^-6
 FPN_SHEPARD_K = 4  # at most SAMPLING_K: its neighbours are read off the sampling lookup
@@ -53,16 +60,6 @@ def build_pixel_decoder(cfg, input_shape):
             "so it cannot be used as a pixel decoder"
         )
     return model
-
-
-def grid_positions(h, w, batch, device):
-    """All (x, y) of the ``h x w`` stride-4 grid in row-major order: ``batch x (h*w) x 2`` float32."""
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=device, dtype=torch.float32),
-        torch.arange(w, device=device, dtype=torch.float32),
-        indexing="ij",
-    )
-    return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).expand(batch, -1, -1)
 
 
 class MSDeformAttnPc(MSDeformAttn):

@@ -8,7 +8,8 @@ from .heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake 
 
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher
-from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoderPc, grid_positions
+from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoderPc
+from aff_seg.modeling.point_utils import grid_positions
 from aff_seg.modeling.point_utils import points_to_canvas, shepard_neighbours
 from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoderPc, PointPositionEmbeddingSine
 
