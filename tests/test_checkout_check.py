@@ -22,4 +22,6 @@ def test_new_and_changed_files_are_seen(tmp_path):
     (tmp_path / "matches.json").write_text("{}")
     (tmp_path / "edited.txt").write_text("z")  # changed again during it
     assert changed_paths(before, checkout_state(str(tmp_path))) == [" M edited.txt", "?? matches.json"]
+    (tmp_path / "tracked.txt").unlink()  # a test deleting a tracked file
+    assert " D tracked.txt" in changed_paths(before, checkout_state(str(tmp_path)))
     assert checkout_state(str(tmp_path / "missing")) is None  # not a checkout: nothing to compare
