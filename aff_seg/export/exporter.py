@@ -111,8 +111,8 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
     with torch.no_grad():
         program = torch.export.export(graph, (example,), dynamic_shapes={"image": {2: dims[0], 3: dims[1]}},
                                       strict=False)
+        min_size, max_size = _input_range(program, div)
         program = program.run_decompositions(clusten.decompositions())
-    min_size, max_size = _input_range(program, div)
     path = os.path.join(output_dir, runtime.MODEL_FILES[fmt])
     if fmt == "torch_export":
         torch.export.save(program, path)
