@@ -330,7 +330,8 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
     def forward_features(self, features):
         """See the class docstring."""
         fine = self.in_features[0]
-        grid_hw = tuple(int(s) for s in features[fine + "_spatial_shape"])
+        # (symbolic sizes stay symbolic: int() would fix an exported graph to the example's size)
+        grid_hw = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in features[fine + "_spatial_shape"])
         b = features[fine].shape[0]
         grid = grid_positions(grid_hw[0], grid_hw[1], b, features[fine].device)
 
