@@ -188,10 +188,12 @@ class VisualizationDemo:
         cfg: a detectron2 config (``MODEL.WEIGHTS`` empty means random init).
         confidence_threshold: instances scoring at or below it are not drawn.
         instance_mode: detectron2 ``ColorMode`` of the drawings.
+        predictor: a predictor to use instead of ``Predictor(cfg)`` (image -> result dict), e.g.
+            an exported model's ``aff_seg.export.runtime.ExportedPredictor``.
     """
 
-    def __init__(self, cfg, confidence_threshold=0.0, instance_mode=ColorMode.IMAGE):
-        self.predictor = Predictor(cfg)
+    def __init__(self, cfg, confidence_threshold=0.0, instance_mode=ColorMode.IMAGE, predictor=None):
+        self.predictor = predictor if predictor is not None else Predictor(cfg)
         self.metadata = _metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
@@ -213,6 +215,8 @@ class VisualizationDemo:
         """
         if not with_tokens:
             return self.predictor(image), None
+        if not isinstance(self.predictor, Predictor):
+            raise ValueError("--show-tokens needs the eager model; an exported model (--exported) has no backbone hook")
         backbone = self.predictor.model.backbone
         if getattr(backbone, "output_format", "maps") != "tokens":
             raise ValueError(

@@ -19,10 +19,12 @@ Public ops (argument order of the original autograd functions):
 Backends (:mod:`clusten.backends`): CUDA tensors use the device kernels (built on first use) and
 everything else the PyTorch references; ``set_backend("torch")`` / ``with backend("cuda"):``
 force either path, ``can_run`` says whether (and why not) a backend runs on a device. FLOP
-counting rules for fvcore: :mod:`clusten.flops`. Benchmark: ``python -m clusten.benchmark``.
+counting rules for fvcore: :mod:`clusten.flops`. ``decompositions()`` replaces the custom ops by
+their PyTorch references in an exported program (:mod:`clusten.decompositions`). Benchmark: ``python -m clusten.benchmark``.
 """
 from .attention import cluster_attention
 from .backends import backend, can_run, get_backend, set_backend
+from .decompositions import decompositions
 from .knn_grid import grid_knn
 from .knn_search import brute_force_knn, get_knn_method, knn, knn_method, set_knn_method
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_flop
@@ -32,5 +34,5 @@ __all__ = [
     "clusten_qk", "clusten_av", "clusten_wf", "weighted_gather", "msdetrpc", "knn",
     "brute_force_knn", "grid_knn", "cluster_attention", "cluster_attention_reference", "ms_deform_attn",
     "ms_deform_attn_flop", "backend", "can_run", "get_backend", "set_backend", "get_knn_method", "knn_method",
-    "set_knn_method",
+    "set_knn_method", "decompositions",
 ]

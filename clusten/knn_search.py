@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .backends import Setting
 from .knn_grid import grid_knn
+from .reference import query_chunks
 from .validation import check
 
 # query x database pairs per chunk: on CPU a few MB of temporaries (stays in cache); on a GPU
@@ -47,7 +48,7 @@ def knn_method(name):
 
 def _check(query, database, k):
     s = check("knn", [("query", query, "b n d", "float"), ("database", database, "b n_ d", "float")])
-    if not isinstance(k, int) or not 1 <= k <= s["n_"]:
+    if not isinstance(k, (int, torch.SymInt)) or not 1 <= k <= s["n_"]:
         raise ValueError(f"knn: k must be an int in [1, n_={s['n_']}] (database size), got {k!r}")
     return s
 
@@ -100,18 +101,16 @@ def brute_force_knn(query, database, k, return_dist=False):
     # float32 positions, float64 arithmetic, one b x d x n row per axis (unit stride).
     q = query.detach().float().double().transpose(1, 2).contiguous()
     db = database.detach().float().double().transpose(1, 2).contiguous()
-    idx = torch.empty(b, n, k, dtype=torch.int64, device=query.device)
-    dist = torch.empty(b, n, k, dtype=torch.float32, device=query.device) if return_dist else None
     pairs = CHUNK_PAIRS_CPU if query.device.type == "cpu" else CHUNK_PAIRS_GPU
-    step = max(1, pairs // max(1, b * n_db))
-    for start in range(0, n, step):
-        end = min(n, start + step)
+    idx, dist = [], []  # concatenated, not written into buffers: functional (export)
+    for start, end in query_chunks(n, b * n_db, pairs):
         sq = _squared_distances(q[:, :, start:end], db)
         chunk_idx, chunk_sq = _k_smallest(sq, k)
-        idx[:, start:end] = chunk_idx
+        idx.append(chunk_idx)
         if return_dist:
-            dist[:, start:end] = chunk_sq.sqrt().float()
-    return (idx, dist) if return_dist else idx
+            dist.append(chunk_sq.sqrt().float())
+    idx = torch.cat(idx, dim=1)
+    return (idx, torch.cat(dist, dim=1)) if return_dist else idx
 
 
 def _squared_distances(q, db):
@@ -119,8 +118,8 @@ def _squared_distances(q, db):
     diff = q[:, 0, :, None] - db[:, 0, None, :]
     sq = diff * diff
     for axis in range(1, q.shape[1]):
-        torch.sub(q[:, axis, :, None], db[:, axis, None, :], out=diff)
-        sq.addcmul_(diff, diff)
+        diff = q[:, axis, :, None] - db[:, axis, None, :]
+        sq = torch.addcmul(sq, diff, diff)
     return sq
 
 

@@ -30,8 +30,14 @@ def accumulate_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _query_chunks(n, elements_per_query):
-    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_query))
+def query_chunks(n, elements_per_query, budget=CHUNK_ELEMENTS):
+    """``(start, end)`` ranges of at most ``budget // elements_per_query`` queries (at least 1);
+    a single range when the sizes are symbolic (``torch.export``), so that the graph holds no
+    size-dependent loop."""
+    if not isinstance(n * elements_per_query, int):
+        yield 0, n
+        return
+    step = max(1, budget // max(1, elements_per_query))
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -55,11 +61,11 @@ def gather_dot(x, y, idx):
     g, n, r, c = x.shape
     m = idx.shape[-1]
     acc = accumulate_dtype(x.dtype)
-    out = x.new_empty(g, n, m, r)
-    for s, e in _query_chunks(n, g * m * c):
+    chunks = []  # concatenated, not written into a buffer: the function stays functional (export)
+    for s, e in query_chunks(n, g * m * c):
         rows = _table_rows(idx[:, s:e], g, y.shape[1])
-        out[:, s:e] = torch.einsum("girc,gimc->gimr", x[:, s:e].to(acc), _gather(y, rows).to(acc))
-    return out
+        chunks.append(torch.einsum("girc,gimc->gimr", x[:, s:e].to(acc), _gather(y, rows).to(acc)).to(x.dtype))
+    return torch.cat(chunks, dim=1)
 
 
 def gather_sum(w, y, idx):
@@ -67,11 +73,11 @@ def gather_sum(w, y, idx):
     g, n, m, r = w.shape
     c = y.shape[-1]
     acc = accumulate_dtype(w.dtype)
-    out = w.new_empty(g, n, r, c)
-    for s, e in _query_chunks(n, g * m * c):
+    chunks = []
+    for s, e in query_chunks(n, g * m * c):
         rows = _table_rows(idx[:, s:e], g, y.shape[1])
-        out[:, s:e] = torch.einsum("gimr,gimc->girc", w[:, s:e].to(acc), _gather(y, rows).to(acc))
-    return out
+        chunks.append(torch.einsum("gimr,gimc->girc", w[:, s:e].to(acc), _gather(y, rows).to(acc)).to(w.dtype))
+    return torch.cat(chunks, dim=1)
 
 
 def scatter_sum(w, x, idx, n_src):
@@ -80,7 +86,7 @@ def scatter_sum(w, x, idx, n_src):
     c = x.shape[-1]
     acc = accumulate_dtype(w.dtype)
     out = torch.zeros(g * n_src, c, dtype=acc, device=w.device)
-    for s, e in _query_chunks(n, g * m * c):
+    for s, e in query_chunks(n, g * m * c):
         rows = _table_rows(idx[:, s:e], g, n_src)
         contrib = torch.einsum("gimr,girc->gimc", w[:, s:e].to(acc), x[:, s:e].to(acc))
         out.index_put_((rows.reshape(-1),), contrib.reshape(-1, c), accumulate=True)

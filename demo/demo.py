@@ -49,6 +49,7 @@ from aff_seg.config import ConfigError, load_config  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from aff_seg.export.runtime import ExportedPredictor  # noqa: E402
 from aff_seg.predictor import VisualizationDemo, draw_kept_tokens  # noqa: E402
 
 WINDOW_NAME = "aff_seg demo"
@@ -92,6 +93,11 @@ def get_parser():
         "Config overrides KEY VALUE come last.",
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config file")
+    parser.add_argument(
+        "--exported", metavar="DIR",
+        help="run the model exported to DIR by tools/export_model.py (torch.export program or ONNX) instead of "
+        "building it; --config-file still names the dataset (class names, colours) of the drawings",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
     source.add_argument("--video-input", help="path to a video file")
@@ -404,7 +410,8 @@ def main(argv=None):
         logger.warning("--show-tokens applies to image inputs only; ignored")
     try:
         cfg = setup_cfg(args)
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        predictor = ExportedPredictor(args.exported) if args.exported else None
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold, predictor=predictor)
         errors = []
         if args.input:
             errors, written = run_images(demo, args)

@@ -10,6 +10,8 @@ part of the model does with positions:
 * ``shepard_weights`` / ``shepard_interpolate``: inverse-distance (Shepard) interpolation;
 * ``points_to_canvas``: scatter token values onto the dense stride-4 canvas.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ __all__ = [
     "shepard_interpolate",
     "points_to_canvas",
     "gather_points",
+    "autocast_off",
     "grid_positions",
 ]
 
@@ -94,7 +97,7 @@ class PointConv(nn.Module):
             ``b x n x out_dim``.
         """
         n = nbhd_idx.shape[1]
-        if torch.is_grad_enabled() or n <= POINTCONV_CHUNK:
+        if torch.is_grad_enabled() or not isinstance(n, int) or n <= POINTCONV_CHUNK:  # (symbolic n: export)
             return self._merge(feat, nbhd_idx, offset, modulation)
         return torch.cat([
             self._merge(feat, nbhd_idx[:, s:s + POINTCONV_CHUNK], offset[:, s:s + POINTCONV_CHUNK],
@@ -179,3 +182,11 @@ def points_to_canvas(values, pos, h, w):
     canvas = values.new_zeros(b, h * w, c)
     canvas.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, c), values)
     return canvas.transpose(1, 2).reshape(b, c, h, w)
+
+
+def autocast_off(device_type):
+    """A region computed in the inputs' dtypes: disables autocast if it is on, else does nothing
+    (so that an exported inference graph holds no autocast region)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -19,7 +19,7 @@ from torch import nn
 from ..point_utils import gather_points, grid_positions, relative_position_features
 from .attention import ClusterTransformerBlock
 from .clustering import cluster_neighbourhoods, space_filling_cluster
-from .merging import ClusterMerging, reserve_count
+from .merging import ClusterMerging, merge_count, reserve_count
 
 __all__ = ["AFF", "AFFStage", "PatchEmbed", "AFF_SIZES", "MIN_INPUT_SIZE"]
 
@@ -63,7 +63,8 @@ class PatchEmbed(nn.Module):
         x = F.pad(x, (0, -W % PATCH_SIZE, 0, -H % PATCH_SIZE))
         x = self.proj2(self.act1(self.bn(self.proj1(x))))
         b, _, h, w = x.shape
-        h, w = int(h), int(w)  # plain ints even under tracing (the clustering rounds them)
+        if torch.jit.is_tracing():  # plain ints under torch.jit.trace (the clustering rounds them)
+            h, w = int(h), int(w)
         x = x.flatten(2).transpose(1, 2)
         if self.norm is not None:
             x = self.norm(x)
@@ -121,9 +122,9 @@ class AFFStage(nn.Module):
         if self.nbhd_size >= n:  # global attention
             offset = pos.unsqueeze(1) - pos.unsqueeze(2)  # [i, j] = pos_j - pos_i
             return None, None, None, relative_position_features(offset)
-        k = math.ceil(n / m)
+        k = (n + m - 1) // m
         num_clusters = min(int(round(self.nbhd_size / m)), k)
-        if k == n:  # one token per cluster: no reordering
+        if m == 1:  # one token per cluster: no reordering
             order, cluster_mean = None, pos
         else:
             order, pos, cluster_mean = space_filling_cluster(pos, m, h, w)
@@ -220,6 +221,18 @@ class AFF(nn.Module):
             ))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))
+
+    def global_attention(self, height, width):
+        """Which stages attend globally (``nbhd_size >= n``) for a ``height x width`` input: the
+        branches an exported graph is fixed to (a list of bool, one per stage)."""
+        h, w = -(-height // PATCH_SIZE), -(-width // PATCH_SIZE)
+        n, out = h * w, []
+        for i, stage in enumerate(self.layers):
+            out.append(stage.nbhd_size >= n)
+            if stage.downsample is not None:
+                reserve = reserve_count(h, w, 2 ** (i + 1)) if stage.downsample.reserve_on else 0
+                n = merge_count(n, stage.downsample.ds_rate, reserve)
+        return out
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:

@@ -10,11 +10,11 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 
 from ...data.dataset_mappers import label_classes
+from ...export.runtime import instance_inference, panoptic_inference, postprocess, semantic_inference
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from .validation import check_batched_inputs, check_model_config
@@ -218,26 +218,15 @@ class MaskFormer(nn.Module):
             outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         del outputs
 
+        settings = self.postprocess_settings()
         processed_results = []
         for mask_cls, mask_pred, input_per_image, image_size in zip(
             mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
         ):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
-            result = {}
-            if self.sem_seg_postprocess_before_inference:
-                mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
-                mask_cls = mask_cls.to(mask_pred)
-            if self.semantic_on:
-                r = retry_if_cuda_oom(self.semantic_inference)(mask_cls, mask_pred)
-                if not self.sem_seg_postprocess_before_inference:
-                    r = retry_if_cuda_oom(sem_seg_postprocess)(r, image_size, height, width)
-                result["sem_seg"] = r
-            if self.panoptic_on:
-                result["panoptic_seg"] = retry_if_cuda_oom(self.panoptic_inference)(mask_cls, mask_pred)
-            if self.instance_on:
-                result["instances"] = retry_if_cuda_oom(self.instance_inference)(mask_cls, mask_pred)
-            processed_results.append(result)
+            processed_results.append(
+                postprocess(mask_cls, mask_pred, image_size, height, width, settings, retry=retry_if_cuda_oom))
         return processed_results
 
     def prepare_targets(self, targets, images):
@@ -251,75 +240,33 @@ class MaskFormer(nn.Module):
             new_targets.append({"labels": t.gt_classes, "masks": padded})
         return new_targets
 
-    def _thing_ids(self):
-        return set(self.metadata.thing_dataset_id_to_contiguous_id.values())
+    def postprocess_settings(self):
+        """The settings of the inference post-processing (``aff_seg.export.runtime.postprocess``;
+        exported models store them in their ``model.json``)."""
+        thing_map = self.metadata.get("thing_dataset_id_to_contiguous_id", None) or {}
+        return {
+            "num_classes": self.sem_seg_head.num_classes,
+            "semantic_on": self.semantic_on,
+            "panoptic_on": self.panoptic_on,
+            "instance_on": self.instance_on,
+            "sem_seg_postprocess_before_inference": self.sem_seg_postprocess_before_inference,
+            "object_mask_threshold": self.object_mask_threshold,
+            "overlap_threshold": self.overlap_threshold,
+            "test_topk_per_image": self.test_topk_per_image,
+            "thing_ids": sorted(set(thing_map.values())),
+        }
 
     def semantic_inference(self, mask_cls, mask_pred):
         """``Q x (K+1)``, ``Q x H x W`` -> ``K x H x W`` class scores."""
-        return torch.einsum("qc,qhw->chw", F.softmax(mask_cls, dim=-1)[..., :-1], mask_pred.sigmoid())
+        return semantic_inference(mask_cls, mask_pred)
 
     def panoptic_inference(self, mask_cls, mask_pred):
         """``Q x (K+1)``, ``Q x H x W`` -> (``H x W`` int32 segment ids, segments_info)."""
-        scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
-        mask_pred = mask_pred.sigmoid()
-        keep = labels.ne(self.sem_seg_head.num_classes) & (scores > self.object_mask_threshold)
-        cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_pred[keep]
-        cur_prob_masks = cur_scores.view(-1, 1, 1) * cur_masks
-
-        h, w = cur_masks.shape[-2:]
-        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=cur_masks.device)
-        segments_info = []
-        if cur_masks.shape[0] == 0:
-            return panoptic_seg, segments_info
-        thing_ids = self._thing_ids()
-        cur_mask_ids = cur_prob_masks.argmax(0)
-        stuff_memory = {}
-        segment_id = 0
-        for k in range(cur_classes.shape[0]):
-            pred_class = int(cur_classes[k].item())
-            isthing = pred_class in thing_ids
-            mask_area = (cur_mask_ids == k).sum().item()
-            original_area = (cur_masks[k] >= 0.5).sum().item()
-            mask = (cur_mask_ids == k) & (cur_masks[k] >= 0.5)
-            if mask_area > 0 and original_area > 0 and mask.sum().item() > 0:
-                if mask_area / original_area < self.overlap_threshold:
-                    continue
-                if not isthing:  # merge the regions of one stuff class
-                    if pred_class in stuff_memory:
-                        panoptic_seg[mask] = stuff_memory[pred_class]
-                        continue
-                    stuff_memory[pred_class] = segment_id + 1
-                segment_id += 1
-                panoptic_seg[mask] = segment_id
-                segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": pred_class})
-        return panoptic_seg, segments_info
+        return panoptic_inference(mask_cls, mask_pred, self.postprocess_settings())
 
     def instance_inference(self, mask_cls, mask_pred):
         """Top (query, class) pairs by a stable descending sort of the class score -> Instances."""
-        num_classes = self.sem_seg_head.num_classes
-        scores = F.softmax(mask_cls, dim=-1)[:, :-1]  # Q x K
-        flat = scores.flatten(0, 1)
-        topk = min(self.test_topk_per_image, flat.numel())
-        # ties go to the lower (query, class) index (docs/reproducibility.md)
-        sorted_scores, order = torch.sort(flat, descending=True, stable=True)
-        scores_per_image, topk_indices = sorted_scores[:topk], order[:topk]
-        labels_per_image = topk_indices % num_classes
-        mask_pred = mask_pred[torch.div(topk_indices, num_classes, rounding_mode="floor")]
-
-        if self.panoptic_on:  # panoptic models report instances of thing classes only
-            thing_ids = torch.tensor(sorted(self._thing_ids()), device=labels_per_image.device, dtype=torch.int64)
-            keep = torch.isin(labels_per_image, thing_ids)
-            scores_per_image, labels_per_image = scores_per_image[keep], labels_per_image[keep]
-            mask_pred = mask_pred[keep]
-
-        result = Instances(mask_pred.shape[-2:])
-        result.pred_masks = (mask_pred > 0).float()
-        result.pred_boxes = Boxes(torch.zeros(mask_pred.size(0), 4, device=mask_pred.device))
-        flat_masks = result.pred_masks.flatten(1)
-        mask_scores = (mask_pred.sigmoid().flatten(1) * flat_masks).sum(1) / (flat_masks.sum(1) + 1e-6)
-        result.scores = scores_per_image * mask_scores
-        result.pred_classes = labels_per_image
-        return result
+        return instance_inference(mask_cls, mask_pred, self.postprocess_settings())
 
 
 SEMANTIC_LABEL_ROWS = 32  # output rows per step of ``semantic_labels``

@@ -28,6 +28,7 @@ import clusten
 
 from ..point_utils import (
     PointConv,
+    autocast_off,
     gather_points,
     grid_positions,
     shepard_interpolate,
@@ -133,7 +134,7 @@ class MSDeformAttnPc(MSDeformAttn):
 
         # geometry and aggregation in float32 at least (float64 stays float64)
         geo = torch.promote_types(query.dtype, torch.float32)
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             query = query.to(geo)
             offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
             offsets = offsets.view(b, n, nh, nl, nk, 2)

@@ -102,7 +102,7 @@ class MultiScaleMaskedTransformerDecoderFASegPc(MultiScaleMaskedTransformerDecod
                 output = layer.attend(output, memory, None, memory_pos, static_query, need_weights=False)[0]
             else:
                 # a query whose mask blocks every token attends to all of them
-                attn_mask[attn_mask.all(-1)] = False
+                attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
                 output, weights = layer.attend(output, src[level], attn_mask, pos_emb[level], query_pos)
                 if level == 0:
                     coarse = weights

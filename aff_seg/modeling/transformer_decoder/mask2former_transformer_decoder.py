@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from ..point_utils import points_to_canvas, shepard_interpolate, shepard_neighbours
+from ..point_utils import autocast_off, points_to_canvas, shepard_interpolate, shepard_neighbours
 from ..variants import resolve_variant
 from .position_encoding import PointPositionEmbeddingSine
 
@@ -294,7 +294,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             # a query whose mask blocks every token attends to all of them
-            attn_mask[attn_mask.all(-1)] = False
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, pos=pos_emb[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
@@ -363,7 +363,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         token_masks = mask_embed @ mask_features.transpose(1, 2).to(mask_embed.dtype)  # b x Q x n
         level_prob = None
         if target_neighbours is not None:
-            with torch.no_grad(), torch.autocast(device_type=token_masks.device.type, enabled=False):
+            with torch.no_grad(), autocast_off(token_masks.device.type):
                 level_masks = shepard_interpolate(token_masks.float().transpose(1, 2), target_neighbours)  # b x n_l x Q
                 level_prob = level_masks.transpose(1, 2).sigmoid()
         outputs_mask = points_to_canvas(token_masks.transpose(1, 2), mf_pos, *canvas_hw) if with_canvas else None

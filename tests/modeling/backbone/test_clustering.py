@@ -6,6 +6,7 @@ import torch
 
 import aff_seg  # noqa: F401
 from aff_seg.modeling.backbone.clustering import anchor_grid, cluster_neighbourhoods, space_filling_cluster
+from aff_seg.modeling.backbone.merging import merge_count
 
 
 def original_ranking(pos, m, h, w):
@@ -93,3 +94,24 @@ def test_neighbourhoods_are_the_nearest_clusters_with_padding_masked():
     assert idx[0, 20].tolist() == [20, 0, 0, 0, 16, 17, 18, 19]
     assert valid[0, 20].tolist() == [True, False, False, False, True, True, True, True]
     assert (~valid).sum() == 3 * (idx == 20).sum()  # 3 padding slots wherever the last cluster is used
+
+
+def test_anchor_grid_tensor_arithmetic_equals_the_float_formula():
+    """The anchor grid is computed in float64 tensors (exportable with symbolic sizes); it must
+    equal the original's Python-float formula."""
+    for h in range(1, 70, 3):
+        for w in range(1, 90, 7):
+            for m in (4, 8, 24):
+                n = h * w
+                k = -(-n // m)
+                patch_len = (h * w / k) ** 0.5
+                rows, cols = max(1, int(round(h / patch_len))), max(1, int(round(w / patch_len)))
+                got = anchor_grid(n, m, h, w)
+                assert (int(got[0]), int(got[1])) == (rows, cols), (n, m, h, w)
+                assert (float(got[2]), float(got[3])) == (h / rows, w / cols), (n, m, h, w)
+
+
+def test_merge_count_equals_int_of_n_times_rate():
+    for rate in (0.25, 0.2):
+        for n in range(1, 300_000, 7):
+            assert merge_count(n, rate, 0) == max(int(n * rate), 1), (n, rate)

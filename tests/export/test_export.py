@@ -1,0 +1,127 @@
+"""Export of the inference graph (torch.export program, ONNX file run by ONNX Runtime) and the
+runtime that post-processes its outputs: the exported graph reproduces the eager model at
+input sizes other than the example's, bad input gets a clear error, and the runtime works in a
+process without aff_seg."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from aff_seg.config import load_config
+from aff_seg.export import runtime
+from aff_seg.export.exporter import check_exportable, export_model
+from detectron2.modeling import build_model
+
+from ..tools.conftest import ROOT, TINY_OPTS
+
+SYNTHETIC_ADE = os.path.join(ROOT, "configs/synthetic/ade20k_semantic.yaml")
+EXAMPLE = (128, 128)
+# multiples of 32 that differ from the example and take its branches (local attention in
+# stages 1-3, global in stage 4 for the tiny model)
+SIZES = [(96, 128), (128, 160), (160, 160)]
+# Exporting takes minutes of CPU (symbolic shapes of the clustering); these tests were written
+# but not yet run to completion on an idle machine, so they are opt-in until they are.
+export_run = pytest.mark.skipif(
+    os.environ.get("AFF_SEG_EXPORT_TESTS") != "1",
+    reason="export round trips are opt-in (AFF_SEG_EXPORT_TESTS=1): minutes of CPU per export",
+)
+
+
+def tiny_cfg(*extra):
+    cfg = load_config(SYNTHETIC_ADE, TINY_OPTS + ["MODEL.DEVICE", "cpu"] + list(extra))
+    cfg.freeze()
+    return cfg
+
+
+def tiny_model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_tta_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"test-time augmentation \(TEST.AUG.ENABLED=True\)"):
+        check_exportable(tiny_cfg("TEST.AUG.ENABLED", "True"))
+
+
+@pytest.fixture(scope="module", params=["torch_export", "onnx"])
+def exported(request, tmp_path_factory):
+    cfg = tiny_cfg()
+    model = tiny_model(cfg)
+    directory = str(tmp_path_factory.mktemp(request.param))
+    export_model(model, cfg, directory, request.param, EXAMPLE, config_file=SYNTHETIC_ADE)
+    return model, directory
+
+
+def eager_raw(model, x):
+    with torch.no_grad():
+        features = model.backbone(x)
+        out = model.sem_seg_head(features)
+    return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"],
+            **{f"res{i}_pos": features[f"res{i}_pos"] for i in range(2, 6)}}
+
+
+@pytest.mark.slow
+@export_run
+def test_exported_graph_matches_eager_at_other_sizes(exported):
+    model, directory = exported
+    deployed = runtime.ExportedModel(directory)
+    g = torch.Generator().manual_seed(0)
+    for h, w in SIZES:
+        x = torch.randn(1, 3, h, w, generator=g)
+        expected, got = eager_raw(model, x), deployed.raw(x)
+        for key in ("pred_logits", "pred_masks"):
+            assert got[key].shape == expected[key].shape, (key, h, w)
+            assert (got[key] - expected[key]).abs().max() <= 1e-4, (key, h, w)
+        for i in range(2, 6):  # the same kept tokens, in the same order, per stage
+            assert torch.equal(got[f"res{i}_pos"], expected[f"res{i}_pos"]), (i, h, w)
+        # the post-processed semantic segmentation
+        image = torch.randint(0, 256, (3, h - 7, w - 5), generator=g).float()
+        ours = deployed([{"image": image}])[0]["sem_seg"].argmax(0)
+        eager = model([{"image": image}])[0]["sem_seg"].argmax(0)
+        assert (ours == eager).float().mean() >= 0.999
+
+
+@pytest.mark.slow
+@export_run
+def test_bad_input_gets_a_clear_error(exported):
+    _, directory = exported
+    deployed = runtime.ExportedModel(directory)
+    div, lo = deployed.input["size_divisibility"], deployed.input["min_size"]
+    with pytest.raises(ValueError, match="not a multiple of the size divisibility"):
+        deployed.raw(torch.zeros(1, 3, 128, 128 + div // 2))
+    with pytest.raises(ValueError, match="outside the exported range"):
+        deployed.raw(torch.zeros(1, 3, lo - div, 128))
+    with pytest.raises(ValueError, match="1 x 3 x H x W"):
+        deployed.raw(torch.zeros(1, 4, 128, 128))
+    with pytest.raises(TypeError, match="float32"):
+        deployed.raw(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+
+
+@pytest.mark.slow
+@export_run
+def test_runtime_predicts_in_a_process_without_aff_seg(exported):
+    model, directory = exported
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import torch
+        spec = importlib.util.spec_from_file_location("deploy_runtime", {runtime.__file__!r})
+        rt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rt)
+        torch.manual_seed(1)
+        image = torch.randint(0, 256, (3, 100, 130)).float()
+        result = rt.ExportedModel({directory!r})([{{"image": image}}])[0]
+        loaded = sorted(m for m in sys.modules if m == "aff_seg" or m.startswith("aff_seg."))
+        assert not loaded, loaded
+        torch.save(result["sem_seg"], {os.path.join(directory, "sem_seg.pt")!r})
+    """)
+    env = dict(os.environ, PYTHONPATH="")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=directory, env=env, timeout=600)
+    torch.manual_seed(1)
+    image = torch.randint(0, 256, (3, 100, 130)).float()
+    eager = model([{"image": image}])[0]["sem_seg"]
+    got = torch.load(os.path.join(directory, "sem_seg.pt"))
+    assert got.shape == eager.shape
+    assert (got.argmax(0) == eager.argmax(0)).float().mean() >= 0.999
