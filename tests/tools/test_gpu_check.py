@@ -20,6 +20,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert report["dry_run"] is True
     assert [s["name"] for s in report["steps"]] == ["build", "cuda_tests", "op_benchmark", "model_benchmark_b1"]
     assert all(s["status"] == "ok" for s in report["steps"]), [(s["name"], s["status"]) for s in report["steps"]]
+    assert report["steps"][2]["result"], "the op benchmark wrote no rows"
     compared = report["steps"][-1]["result"]["contenders"]
     assert len(compared) == 2 and all({"inference", "train"} <= set(entry) for entry in compared.values())
     table = (out / "gpu_check.md").read_text()

@@ -2,10 +2,8 @@
 import copy
 import logging
 
-import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .utils import (
@@ -13,6 +11,7 @@ from .utils import (
     annotation_segments,
     crop_and_colour_augmentations,
     pad_to_multiple,
+    read_and_augment,
     require_training,
     segments_to_instances,
 )
@@ -59,14 +58,8 @@ class MaskFormerInstanceDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         if "annotations" not in dataset_dict:
             raise ValueError(f"{dataset_dict['file_name']}: no 'annotations' to train on")
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        original_shape = image.shape[:2]
-        aug_input = T.AugInput(image)
-        transforms = self.augmentations(aug_input)
+        image, _, transforms, original_shape = read_and_augment(dataset_dict, self.image_format, self.augmentations)
         classes, masks = annotation_segments(dataset_dict.pop("annotations"), transforms, original_shape)
-
-        image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         image = pad_to_multiple(image, self.size_divisibility, IMAGE_PAD_VALUE)
         masks = [pad_to_multiple(torch.from_numpy(m), self.size_divisibility, False) for m in masks]
         dataset_dict["image"] = image

@@ -3,17 +3,15 @@ import copy
 import logging
 
 import numpy as np
-import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .utils import (
     IMAGE_PAD_VALUE,
     crop_and_colour_augmentations,
     pad_to_multiple,
-    read_label_map,
+    read_and_augment,
     require_training,
     segments_to_instances,
 )
@@ -66,16 +64,8 @@ class MaskFormerSemanticDatasetMapper:
 
         Returns (image 3 x H x W uint8, sem_seg H x W int64 or None, transforms), unpadded.
         """
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        sem_seg = None
-        if "sem_seg_file_name" in dataset_dict:
-            sem_seg = read_label_map(dataset_dict.pop("sem_seg_file_name"), dataset_dict).astype("double")
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
-        transforms = self.augmentations(aug_input)
-        image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        if sem_seg is not None:
-            sem_seg = torch.as_tensor(aug_input.sem_seg.astype("long"))
+        image, sem_seg, transforms, _ = read_and_augment(
+            dataset_dict, self.image_format, self.augmentations, dataset_dict.pop("sem_seg_file_name", None))
         return image, sem_seg, transforms
 
     def __call__(self, dataset_dict):

@@ -21,6 +21,7 @@ __all__ = [
     "IMAGE_PAD_VALUE",
     "crop_and_colour_augmentations",
     "large_scale_jitter_augmentations",
+    "read_and_augment",
     "pad_to_multiple",
     "read_label_map",
     "segments_to_instances",
@@ -124,12 +125,36 @@ class LargeScaleJitterMapper:
         """A copy of ``dataset_dict`` with ``image`` (3 x S x S uint8), the applied transforms and
         the original image's (height, width)."""
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image(dataset_dict["file_name"], format=self.image_format)
-        check_image_size(dataset_dict, image)
-        original_shape = image.shape[:2]
-        image, transforms = T.apply_transform_gens(self.tfm_gens, image)
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image, _, transforms, original_shape = read_and_augment(
+            dataset_dict, self.image_format, T.AugmentationList(self.tfm_gens))
+        dataset_dict["image"] = image
         return dataset_dict, transforms, original_shape
+
+
+def read_and_augment(dataset_dict, image_format, augmentations, sem_seg_file_name=None):
+    """Read ``dataset_dict``'s image (checked against its height/width, which are set if missing)
+    and, if given, its label map, and augment both.
+
+    Args:
+        image_format: format for ``read_image`` (e.g. "RGB").
+        augmentations: a ``T.AugmentationList``.
+        sem_seg_file_name: the class-id map to read and augment with the image, or None.
+    Returns:
+        (image ``3 x H x W`` uint8 tensor, sem_seg ``H x W`` int64 tensor or None, the applied
+        transforms, the original image's (height, width)), unpadded.
+    """
+    image = read_image(dataset_dict["file_name"], format=image_format)
+    check_image_size(dataset_dict, image)
+    original_shape = image.shape[:2]
+    sem_seg = None
+    if sem_seg_file_name is not None:
+        sem_seg = read_label_map(sem_seg_file_name, dataset_dict).astype("double")
+    aug_input = T.AugInput(image, sem_seg=sem_seg)
+    transforms = augmentations(aug_input)
+    image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+    if sem_seg is not None:
+        sem_seg = torch.as_tensor(aug_input.sem_seg.astype("long"))
+    return image, sem_seg, transforms, original_shape
 
 
 def read_label_map(path, dataset_dict, format=None):

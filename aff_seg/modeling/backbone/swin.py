@@ -17,13 +17,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY
 
 from .attention import DropPath, Mlp
+from .mit import OUT_FEATURES, DenseMapsBackbone, check_out_features
 
 __all__ = ["SwinTransformer", "D2SwinTransformer"]
-
-OUT_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
 def window_partition(x, window_size):
@@ -249,17 +249,26 @@ class SwinTransformer(nn.Module):
 
 
 @BACKBONE_REGISTRY.register()
-class D2SwinTransformer(SwinTransformer, Backbone):
-    """``SwinTransformer`` built from ``MODEL.SWIN.*``; returns ``MODEL.SWIN.OUT_FEATURES``."""
+class D2SwinTransformer(DenseMapsBackbone, SwinTransformer):
+    """``SwinTransformer`` built from ``MODEL.SWIN.*``; see ``DenseMapsBackbone`` for the outputs
+    (``MODEL.SWIN.OUT_FEATURES``)."""
 
-    output_format = "maps"
+    @configurable
+    def __init__(self, *, out_features=OUT_FEATURES, **kwargs):
+        check_out_features(out_features, "MODEL.SWIN.OUT_FEATURES")
+        SwinTransformer.__init__(self, **kwargs)
+        self._set_outputs(out_features, self.num_features)
 
-    def __init__(self, cfg, input_shape):
+    def forward(self, x):
+        """``b x 3 x H x W`` -> the ``OUT_FEATURES`` maps."""
+        if x.dim() != 4:
+            raise ValueError(f"D2SwinTransformer takes a b x C x H x W input, got shape {tuple(x.shape)}")
+        return {k: v for k, v in SwinTransformer.forward(self, x).items() if k in self._out_features}
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
         swin = cfg.MODEL.SWIN
-        unknown = [f for f in swin.OUT_FEATURES if f not in OUT_STRIDES]
-        if unknown:
-            raise ValueError(f"MODEL.SWIN.OUT_FEATURES: unknown {unknown}, expected some of {list(OUT_STRIDES)}")
-        super().__init__(
+        return dict(
             pretrain_img_size=swin.PRETRAIN_IMG_SIZE,
             patch_size=swin.PATCH_SIZE,
             in_chans=input_shape.channels,
@@ -276,23 +285,5 @@ class D2SwinTransformer(SwinTransformer, Backbone):
             ape=swin.APE,
             patch_norm=swin.PATCH_NORM,
             use_checkpoint=swin.USE_CHECKPOINT,
+            out_features=list(swin.OUT_FEATURES),
         )
-        self._out_features = list(swin.OUT_FEATURES)
-        self._out_feature_strides = {f: OUT_STRIDES[f] for f in self._out_features}
-        self._out_feature_channels = {f: self.num_features[int(f[3:]) - 2] for f in self._out_features}
-
-    def forward(self, x):
-        """``b x 3 x H x W`` -> the ``OUT_FEATURES`` maps."""
-        if x.dim() != 4:
-            raise ValueError(f"D2SwinTransformer takes a b x C x H x W input, got shape {tuple(x.shape)}")
-        return {k: v for k, v in super().forward(x).items() if k in self._out_features}
-
-    def output_shape(self):
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }
-
-    @property
-    def size_divisibility(self):
-        return 32
