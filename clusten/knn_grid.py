@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from .reference import k_smallest
 from .validation import check
 
 CANDIDATE_ELEMENTS = 1 << 23  # query x candidate slots per chunk (about 0.4 GB of temporaries)
@@ -141,19 +142,9 @@ class _CellGrid:
 def _k_smallest(cand, sq, k):
     """The k best candidates of each row by (squared distance, database index), nearest first.
 
-    ``cand`` (int64) and ``sq`` (float64) are ``nq x L``, ``L >= k``, with distinct indices per row.
-    Everything strictly closer than the k-th smallest distance is taken, and the ties at that
-    distance are taken lowest index first; the k taken are then ordered.
+    ``cand`` (int64) and ``sq`` (float64) are ``nq x L``, ``L >= k``, with distinct indices per row
+    (padding excepted). With the candidates in index order, the rule is ``k_smallest``'s.
     """
-    kth = sq.topk(k, dim=1, largest=False).values[:, -1:]
-    below = sq < kth
-    tied = sq == kth
-    room = k - below.sum(1, keepdim=True)  # >= 1: fewer than k entries lie below the k-th value
-    tied_idx = torch.where(tied, cand, torch.iinfo(torch.int64).max)
-    limit = tied_idx.topk(k, dim=1, largest=False).values.gather(1, room - 1)
-    take = below | (tied & (cand <= limit))  # exactly k per row
-    cols = take.to(torch.int32).topk(k, dim=1).indices
-    cand, sq = cand.gather(1, cols), sq.gather(1, cols)
     cand, by_index = cand.sort(dim=1)
-    sq, by_dist = sq.gather(1, by_index).sort(dim=1, stable=True)
-    return cand.gather(1, by_dist), sq
+    cols, sq = k_smallest(sq.gather(1, by_index), k)
+    return cand.gather(1, cols), sq

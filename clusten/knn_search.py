@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import Setting
 from .knn_grid import grid_knn
-from .reference import query_chunks
+from .reference import k_smallest, query_chunks
 from .validation import check
 
 # query x database pairs per chunk: on CPU a few MB of temporaries (stays in cache); on a GPU
@@ -105,7 +105,7 @@ def brute_force_knn(query, database, k, return_dist=False):
     idx, dist = [], []  # concatenated, not written into buffers: functional (export)
     for start, end in query_chunks(n, b * n_db, pairs):
         sq = _squared_distances(q[:, :, start:end], db)
-        chunk_idx, chunk_sq = _k_smallest(sq, k)
+        chunk_idx, chunk_sq = k_smallest(sq, k)
         idx.append(chunk_idx)
         if return_dist:
             dist.append(chunk_sq.sqrt().float())
@@ -121,23 +121,3 @@ def _squared_distances(q, db):
         diff = q[:, axis, :, None] - db[:, axis, None, :]
         sq = torch.addcmul(sq, diff, diff)
     return sq
-
-
-def _k_smallest(sq, k):
-    """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``), and their values.
-
-    A topk finds the k-th smallest value v; every entry below v is taken, then the entries equal
-    to v lowest index first until there are k.  Both steps are whole-tensor ops with static
-    shapes (no host-device synchronisation), so the search can be captured by CUDA graphs.
-    The k are finally ordered by (value, index).
-    """
-    kth = sq.topk(k, dim=-1, largest=False, sorted=True).values[..., -1:]
-    below = sq < kth
-    tied = sq == kth
-    room = k - below.sum(-1, keepdim=True)
-    take = below | (tied & (tied.cumsum(-1) <= room))  # exactly k per row
-    index = torch.arange(sq.shape[-1], device=sq.device)
-    chosen = torch.where(take, index, index + sq.shape[-1]).topk(k, dim=-1, largest=False, sorted=True).values
-    chosen_sq = sq.gather(-1, chosen)
-    order = torch.sort(chosen_sq, dim=-1, stable=True).indices
-    return chosen.gather(-1, order), chosen_sq.gather(-1, order)

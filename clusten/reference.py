@@ -91,3 +91,24 @@ def scatter_sum(w, x, idx, n_src):
         contrib = torch.einsum("gimr,girc->gimc", w[:, s:e].to(acc), x[:, s:e].to(acc))
         out.index_put_((rows.reshape(-1),), contrib.reshape(-1, c), accumulate=True)
     return out.view(g, n_src, c).to(w.dtype)
+
+
+def k_smallest(sq, k):
+    """First k entries of a stable ascending sort of each row of ``sq`` (``... x n_``), and their values:
+    the nearest-neighbour tie rule (ties to the lower index), used by every KNN search.
+
+    A topk finds the k-th smallest value v; every entry below v is taken, then the entries equal
+    to v lowest index first until there are k.  Both steps are whole-tensor ops with static
+    shapes (no host-device synchronisation), so the search can be captured by CUDA graphs.
+    The k are finally ordered by (value, index).
+    """
+    kth = sq.topk(k, dim=-1, largest=False, sorted=True).values[..., -1:]
+    below = sq < kth
+    tied = sq == kth
+    room = k - below.sum(-1, keepdim=True)
+    take = below | (tied & (tied.cumsum(-1) <= room))  # exactly k per row
+    index = torch.arange(sq.shape[-1], device=sq.device)
+    chosen = torch.where(take, index, index + sq.shape[-1]).topk(k, dim=-1, largest=False, sorted=True).values
+    chosen_sq = sq.gather(-1, chosen)
+    order = torch.sort(chosen_sq, dim=-1, stable=True).indices
+    return chosen.gather(-1, order), chosen_sq.gather(-1, order)
