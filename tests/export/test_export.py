@@ -111,7 +111,7 @@ def test_runtime_predicts_in_a_process_without_aff_seg(exported):
         rt = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(rt)
         torch.manual_seed(1)
-        image = torch.randint(0, 256, (3, 100, 130)).float()
+        image = torch.randint(0, 256, (3, 90, 120)).float()
         result = rt.ExportedModel({directory!r})([{{"image": image}}])[0]
         loaded = sorted(m for m in sys.modules if m == "aff_seg" or m.startswith("aff_seg."))
         assert not loaded, loaded
@@ -120,7 +120,7 @@ def test_runtime_predicts_in_a_process_without_aff_seg(exported):
     env = dict(os.environ, PYTHONPATH="")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=directory, env=env, timeout=600)
     torch.manual_seed(1)
-    image = torch.randint(0, 256, (3, 100, 130)).float()
+    image = torch.randint(0, 256, (3, 90, 120)).float()
     eager = model([{"image": image}])[0]["sem_seg"]
     got = torch.load(os.path.join(directory, "sem_seg.pt"))
     assert got.shape == eager.shape
