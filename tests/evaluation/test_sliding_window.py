@@ -61,7 +61,7 @@ def test_bad_windows_are_clear_errors():
 
 def test_segformer_with_one_window_equals_whole_image_inference():
     cfg = add_maskformer2_config(get_cfg())
-    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "SemanticSegmentor", "MODEL.DEVICE", "cpu",
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "CheckedSemanticSegmentor", "MODEL.DEVICE", "cpu",
                          "MODEL.BACKBONE.NAME", "D2MixVisionTransformer", "MODEL.MIT.EMBED_DIMS", "[8, 16, 24, 32]",
                          "MODEL.MIT.DEPTHS", "[1, 1, 1, 1]", "MODEL.MIT.NUM_HEADS", "[1, 2, 2, 4]",
                          "MODEL.SEM_SEG_HEAD.NAME", "SegFormerHead", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3",

@@ -154,3 +154,17 @@ def test_tools_refuse_a_checkpoint_that_does_not_fit(files, analyze_model, tiny_
     with pytest.raises(CheckpointMismatchError) as e:
         analyze_model.build_loaded_model(cfg)
     assert EXPECTED[case] in str(e.value)
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_export_refuses_a_checkpoint_that_does_not_fit(files, tiny_config, tmp_path, case):
+    from .conftest import import_script
+
+    export_model = import_script("tools", "export_model")
+    config, opts = tiny_config
+    out = tmp_path / "exported"
+    with pytest.raises(CheckpointMismatchError) as e:
+        export_model.main(["--config-file", config, "--format", "torch_export", "--output", str(out),
+                           "--example-size", "64", "64", *opts, "MODEL.WEIGHTS", files[case]])
+    assert EXPECTED[case] in str(e.value)
+    assert not out.exists()  # stopped before exporting anything

@@ -111,7 +111,7 @@ def test_config_builds_its_model(path):
 
 
     cfg = merged(path)
-    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":  # SegFormer, BoostFormer: built on the meta device
+    if cfg.MODEL.META_ARCHITECTURE == "CheckedSemanticSegmentor":  # SegFormer, BoostFormer: built on the meta device
         cfg.merge_from_list(["MODEL.DEVICE", "meta", "MODEL.WEIGHTS", ""])  # (their forward is tested elsewhere)
         with torch.device("meta"):
             model = build_model(cfg)

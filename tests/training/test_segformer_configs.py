@@ -33,7 +33,7 @@ def test_ade20k_recipe():
     for size in ("b0", "b1", "b2", "b3", "b4", "b5"):
         cfg = merged(f"ade20k/semantic-segmentation/segformer/segformer_{size}_512x512_160k.yaml")
         solver = cfg.SOLVER
-        assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor" and cfg.MODEL.BACKBONE.NAME == "D2MixVisionTransformer"
+        assert cfg.MODEL.META_ARCHITECTURE == "CheckedSemanticSegmentor" and cfg.MODEL.BACKBONE.NAME == "D2MixVisionTransformer"
         assert math.isclose(solver.BASE_LR * solver.BACKBONE_MULTIPLIER, 6e-5) and math.isclose(solver.BASE_LR, 6e-4)
         assert (solver.POLY_LR_POWER, solver.WARMUP_ITERS, solver.WARMUP_METHOD) == (1.0, 1500, "linear")
         assert (solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM, solver.IMS_PER_BATCH, solver.MAX_ITER) == (0.01, 0.0, 16, 160000)

@@ -10,10 +10,10 @@ TINY_BOOSTFORMER = {"EMBED_DIMS": [8, 16, 24, 32], "DEPTHS": [1, 1, 1, 1], "NUM_
 
 
 def semantic_cfg(family, size=None, num_classes=150, embed_dim=None, encoder=None, device="cpu"):
-    """A SemanticSegmentor config: ``family`` "mit" (``size`` b0..b5) or "boostformer"; ``encoder`` overrides
+    """A (checked) SemanticSegmentor config: ``family`` "mit" (``size`` b0..b5) or "boostformer"; ``encoder`` overrides
     MODEL.MIT / MODEL.BOOSTFORMER keys; ``embed_dim`` the head's D (default: the published one)."""
     cfg = add_maskformer2_config(get_cfg())
-    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.META_ARCHITECTURE = "CheckedSemanticSegmentor"
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     head = cfg.MODEL.SEM_SEG_HEAD
