@@ -139,7 +139,10 @@ def cluster_neighbourhoods(pos, cluster_mean, cluster_size, num_clusters):
     nearest = clusten.knn(pos, cluster_mean, num_clusters)  # b x n x nnc
     members = torch.arange(cluster_size, device=pos.device)
     nbhd_idx = (nearest.unsqueeze(-1) * cluster_size + members).flatten(2)
-    if statically_known_true(cluster_mean.shape[1] * cluster_size == n):  # (symbolic sizes: keep the mask)
+    whole = cluster_mean.shape[1] * cluster_size == n
+    if isinstance(whole, torch.Tensor):  # torch.jit.trace (fvcore's FLOP count) traces sizes as tensors
+        whole = bool(whole)
+    if statically_known_true(whole):  # (symbolic sizes: keep the mask)
         return nbhd_idx, None
     nbhd_valid = nbhd_idx < n
     return nbhd_idx.masked_fill(~nbhd_valid, 0), nbhd_valid
