@@ -223,7 +223,7 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
                 memory, memory_pos = (self._gather_windows(t, top) for t in (hr_src, hr_pos))
                 output = layer.attend(output, memory, None, memory_pos, static_query, need_weights=False)[0]
             else:
-                attn_mask[attn_mask.all(-1)] = False  # a query blocked everywhere attends everywhere
+                attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)  # a query blocked everywhere attends everywhere
                 output, weights = layer.attend(output, src[level], attn_mask, pos[level], query_pos)
                 if level == 0:
                     coarse = weights
