@@ -18,6 +18,7 @@ import json
 import os
 
 import torch
+import torch.fx.experimental._config as shape_config
 from torch import nn
 
 import clusten
@@ -43,6 +44,9 @@ class InferenceGraph(nn.Module):
         self.sem_seg_head = model.sem_seg_head
         tokens = getattr(model.backbone, "output_format", "maps") == "tokens"
         self.output_names = runtime.MASK_OUTPUTS + (runtime.TOKEN_OUTPUTS if tokens else ())
+        # dense maps: trace sizes without specialising them at 1, so that FASeg's top-k cell count
+        # (1 below 64 cells at stride 32, more above) stays one expression of the input size
+        self.size_oblivious = not tokens
         self.size_divisibility = model.size_divisibility
         self.postprocess = model.postprocess_settings()
 
@@ -58,6 +62,7 @@ class SemanticGraph(nn.Module):
     ``common_stride`` s; the runtime upsamples them to the input as the head does."""
 
     output_names = runtime.SEMANTIC_OUTPUTS
+    size_oblivious = False
 
     def __init__(self, model):
         super().__init__()
@@ -140,8 +145,10 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
         raise ValueError(f"example size {example_size} must be a multiple of the size divisibility {div}")
     os.makedirs(output_dir, exist_ok=True)
     example = torch.zeros(1, len(cfg.MODEL.PIXEL_MEAN), *example_size, device=model.device)
-    dims = [div * torch.export.Dim(name, min=1, max=MAX_SIDE // div) for name in ("rows", "cols")]
-    with torch.no_grad():
+    # at least 2 cells of the size divisibility a side: a map of one row or column (stride 32)
+    # would be specialised as a broadcast
+    dims = [div * torch.export.Dim(name, min=2, max=MAX_SIDE // div) for name in ("rows", "cols")]
+    with torch.no_grad(), shape_config.patch(backed_size_oblivious=graph.size_oblivious):
         program = torch.export.export(graph, (example,), dynamic_shapes={"image": {2: dims[0], 3: dims[1]}},
                                       strict=False)
         min_size, max_size = _input_range(program, div)
