@@ -30,7 +30,8 @@ __all__ = ["InferenceGraph", "SemanticGraph", "check_exportable", "export_model"
 FORMATS = tuple(runtime.MODEL_FILES)
 MAX_SIDE = 2048  # the largest input side the graph is exported for
 # meta-architecture -> the semantic heads it exports with (None: any)
-EXPORTABLE_HEADS = {"MaskFormer": None, "CheckedSemanticSegmentor": ("SegFormerHead", "BoostFormerHead")}
+EXPORTABLE_HEADS = {
+    "MaskFormer": None, "CheckedSemanticSegmentor": ("SegFormerHead", "SegFormerConvHead", "BoostFormerHead")}
 
 
 class InferenceGraph(nn.Module):
