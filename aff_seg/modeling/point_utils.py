@@ -175,13 +175,14 @@ def points_to_canvas(values, pos, h, w):
         values: ``b x n x c``; pos: ``b x n x 2`` integer (x, y) positions, all inside
             ``[0, w) x [0, h)``; for the res2 tokens (all h*w grid points) every pixel is set.
     Returns:
-        ``b x c x h x w``; pixels without a token are 0.
+        ``b x c x h x w``, contiguous (a channels-last canvas would make the later resize and
+        class-weighted sum copy it with a transpose); pixels without a token are 0.
     """
     b, n, c = values.shape
     flat = (pos[..., 1].long() * w + pos[..., 0].long()).clamp_(0, h * w - 1)  # b x n
-    canvas = values.new_zeros(b, h * w, c)
-    canvas.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, c), values)
-    return canvas.transpose(1, 2).reshape(b, c, h, w)
+    canvas = values.new_zeros(b, c, h * w)
+    canvas.scatter_(2, flat.unsqueeze(1).expand(-1, c, -1), values.transpose(1, 2))
+    return canvas.view(b, c, h, w)
 
 
 def autocast_off(device_type):
