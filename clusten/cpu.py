@@ -34,6 +34,16 @@ def _pattern(idx, groups, n_src, r):
     return crow, cols
 
 
+def _no_autocast(fn):
+    """Run ``fn`` in the dtypes it casts to itself: an autocast region around the op would
+    otherwise send its products to bfloat16/float16 (which the sparse CPU kernels lack)."""
+    def wrapper(*args):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
+
+
 def _csr(crow, cols, values, rows, n_cols):
     with warnings.catch_warnings():  # "sparse CSR support is in beta" (once per process)
         warnings.simplefilter("ignore", UserWarning)
@@ -44,6 +54,7 @@ def _empty(*sizes):
     return any(s == 0 for s in sizes)
 
 
+@_no_autocast
 def gather_dot(x, y, idx):
     """``x`` g x n x r x c, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x m x r."""
     g, n, r, c = x.shape
@@ -63,6 +74,7 @@ def gather_dot(x, y, idx):
     return torch.cat(chunks, dim=1).contiguous()
 
 
+@_no_autocast
 def gather_sum(w, y, idx):
     """``w`` g x n x m x r, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x r x c."""
     g, n, m, r = w.shape

@@ -55,3 +55,12 @@ def test_gradcheck_through_the_cpu_kernels():
     for op, a in ((torch.ops.clusten.gather_sum, w), (torch.ops.clusten.gather_dot, x)):
         a, b = a.clone().requires_grad_(), y.clone().requires_grad_()
         assert torch.autograd.gradcheck(lambda p, q: op(p, q, idx), (a, b))
+
+
+def test_autocast_region_keeps_the_accumulation_dtype():
+    w, x, y, idx = _inputs(2, 1, 6, 3, 1, 5, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpu.gather_sum(w, y, idx), cpu.gather_dot(x, y, idx)
+    for a, b in zip(got, (reference.gather_sum(w, y, idx), reference.gather_dot(x, y, idx))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
