@@ -251,6 +251,9 @@ def add_maskformer2_config(cfg):
     aff.ATTN_DROP_RATE = 0.0
     aff.DROP_PATH_RATE = 0.3
     aff.PATCH_NORM = True
+    # this project: the stem's BatchNorm, a detectron2 norm name: "BN" (the original's; statistics
+    # of each process's batch), "naiveSyncBN" (any device) or "SyncBN" (GPUs): of the global batch
+    aff.STEM_NORM = "BN"
     aff.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # pixel decoder's Shepard interpolation: weights ~ d^-SHEPARD_POWER
     aff.SHEPARD_POWER = 6.0

@@ -11,6 +11,8 @@ from torch import nn
 
 import clusten
 
+from ..image_rng import image_rand
+
 __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlock", "Mlp", "DropPath"]
 
 
@@ -106,7 +108,8 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a sample's residual branch with probability p."""
+    """Stochastic depth: in training, zero an image's residual branch with probability p (``x``:
+    ``b x ...``, one image per row; each image draws from its own generator, ``image_rand``)."""
 
     def __init__(self, p=0.0):
         super().__init__()
@@ -116,7 +119,8 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        draws = torch.cat([image_rand(i, 1, device=x.device) for i in range(x.shape[0])])
+        mask = (draws < keep).to(x.dtype).view((x.shape[0],) + (1,) * (x.dim() - 1))
         return x * mask / keep
 
     def extra_repr(self):
