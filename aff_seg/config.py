@@ -292,7 +292,8 @@ def add_maskformer2_config(cfg):
     focal.PRETRAIN_IMG_SIZE = 224
     focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
+    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it.
+    # Here and in MODEL.BOOSTFORMER each key is the encoder's constructor argument of that name in lower case.
     cfg.MODEL.MIT = CN()
     mit = cfg.MODEL.MIT
     mit.EMBED_DIMS = [64, 128, 320, 512]
@@ -326,7 +327,7 @@ def add_maskformer2_config(cfg):
     bf.DROP_PATH_RATE = 0.1
     bf.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # all-MLP semantic heads (SegFormerHead, BoostFormerHead): dropout before the classifier
+    # all-MLP semantic heads (SegFormerHead, SegFormerConvHead, BoostFormerHead): dropout before the classifier
     head.DROPOUT = 0.1
 
     # sliding-window inference of semantic models: SIZE (h, w) windows every STRIDE (h, w) pixels
