@@ -171,7 +171,7 @@ def assert_same_state(model, reference):
     ("mmseg", "mit", "SegFormerConvHead", mmseg_state,
      ["backbone.layers.2.1.0.attn.attn.in_proj_weight", "backbone.layers.3.2.weight", "backbone.layers.0.1.0.ffn.layers.4.bias",
       "decode_head.convs.3.bn.running_var", "decode_head.conv_seg.bias"], []),
-], ids=lambda v: v if isinstance(v, str) else None)
+], ids=["hf_segformer", "hf_boostformer", "nvlabs", "mmseg"])
 def test_key_names_round_trip(fmt, family, head, write, names, dropped):
     model = tiny_model(family, head=head)
     state = write(model)
