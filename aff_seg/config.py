@@ -330,7 +330,7 @@ def add_maskformer2_config(cfg):
     bf.DROP_PATH_RATE = 0.1
     bf.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # all-MLP semantic heads (SegFormerHead, BoostFormerHead): dropout before the classifier
+    # all-MLP semantic heads (SegFormerHead, SegFormerConvHead, BoostFormerHead): dropout before the classifier
     head.DROPOUT = 0.1
 
     # sliding-window inference of semantic models: SIZE (h, w) windows every STRIDE (h, w) pixels
