@@ -53,8 +53,8 @@ def test_benchmark_compile_option(benchmark, tiny_config, monkeypatch):
         return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
 
     monkeypatch.setattr(benchmark, "run", spy)
-    benchmark.main(["--config-file", config, "--tasks", "inference", "--compile", *opts])
-    benchmark.main(["--config-file", config, "--tasks", "inference", *opts])
+    benchmark.main(["--tasks", "inference", "--compile", "--config-file", config, *opts])
+    benchmark.main(["--tasks", "inference", "--config-file", config, *opts])
     assert seen == [True, False]
     with pytest.raises(ValueError, match="@compile"):
         benchmark.main(["--compare", config, "--compile"])
