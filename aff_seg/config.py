@@ -296,7 +296,8 @@ def add_maskformer2_config(cfg):
     focal.PRETRAIN_IMG_SIZE = 224
     focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
+    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it.
+    # Here and in MODEL.BOOSTFORMER each key is the encoder's constructor argument of that name in lower case.
     cfg.MODEL.MIT = CN()
     mit = cfg.MODEL.MIT
     mit.EMBED_DIMS = [64, 128, 320, 512]
