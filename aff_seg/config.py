@@ -153,6 +153,10 @@ def add_maskformer2_config(cfg):
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.PRECISION = "bfloat16"
+    # aff_seg.Predictor (the demo) and tools/benchmark.py run the backbone and the segmentation
+    # head compiled by torch.compile (inductor; needs a C++ compiler); every new input size
+    # compiles again on its first call (minutes on a CPU)
+    cfg.TEST.COMPILE = False
 
     # Mask2Former
     cfg.MODEL.MASK_FORMER = CN()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from detectron2.layers import get_norm
 
-from ..point_utils import gather_points, grid_positions, relative_position_features
+from ..point_utils import gather_points, grid_positions, over_token_chunks, relative_position_features
 from .attention import ClusterTransformerBlock
 from .clustering import cluster_neighbourhoods, space_filling_cluster
 from .merging import ClusterMerging, merge_count, reserve_count
@@ -132,8 +132,10 @@ class AFFStage(nn.Module):
         else:
             order, pos, cluster_mean = space_filling_cluster(pos, m, h, w)
         nbhd_idx, nbhd_valid = cluster_neighbourhoods(pos, cluster_mean, m, num_clusters)
-        offset = gather_points(pos, nbhd_idx) - pos.unsqueeze(2)
-        return order, nbhd_idx, nbhd_valid, relative_position_features(offset)
+        rel_features = over_token_chunks(
+            lambda query, idx: relative_position_features(gather_points(pos, idx) - query.unsqueeze(2)),
+            n, pos, nbhd_idx)
+        return order, nbhd_idx, nbhd_valid, rel_features
 
     def forward(self, pos, feat, h, w, stride, on_grid=False):
         """

@@ -108,7 +108,7 @@ def top_cells(coarse_weights, omega_rate):
     180 x 180 px), where its HR layer attends to an empty set; here at least one.
     """
     scores = coarse_weights.sum(1)  # b x n
-    k = max(1, scores.shape[1] // omega_rate)
+    k = torch.sym_max(1, scores.shape[1] // omega_rate)  # stays symbolic in an exported graph
     return scores.topk(k, dim=1).indices
 
 
