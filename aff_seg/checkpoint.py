@@ -16,9 +16,9 @@
   with a warning, to the newest complete checkpoint when the last one is truncated or corrupted.
 
   It also reads SegFormer and BoostFormer checkpoints as their users have them (``segformer_weights``):
-  NVlabs/mmseg ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and HuggingFace ``save_pretrained``
-  output (the directory, or its ``pytorch_model.bin`` / ``model.safetensors``; ``config.json`` beside it is
-  named in the report). They are renamed to the project's modules and then checked like any file; an
+  NVlabs (mmseg 0.x) and MMSegmentation (>= 0.17) ``.pth`` files, the ImageNet ``mit_b*.pth`` encoders, and
+  HuggingFace ``save_pretrained`` output (the directory, or its ``pytorch_model.bin`` / ``model.safetensors``;
+  ``config.json`` beside it is named in the report). They are renamed to the project's modules and then checked like any file; an
   encoder alone (ImageNet MiT) must in strict mode also provide every tensor of the model's encoder.
 Loading is strict (``check_load``): missing, unexpected or shape-mismatched keys stop the load
 with a table of them (``CheckpointMismatchError``), unless the checkpointer was made with

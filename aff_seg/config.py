@@ -153,6 +153,10 @@ def add_maskformer2_config(cfg):
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.PRECISION = "bfloat16"
+    # aff_seg.Predictor (the demo) and tools/benchmark.py run the backbone and the segmentation
+    # head compiled by torch.compile (inductor; needs a C++ compiler); every new input size
+    # compiles again on its first call (minutes on a CPU)
+    cfg.TEST.COMPILE = False
 
     # Mask2Former
     cfg.MODEL.MASK_FORMER = CN()
@@ -251,6 +255,9 @@ def add_maskformer2_config(cfg):
     aff.ATTN_DROP_RATE = 0.0
     aff.DROP_PATH_RATE = 0.3
     aff.PATCH_NORM = True
+    # this project: the stem's BatchNorm, a detectron2 norm name: "BN" (the original's; statistics
+    # of each process's batch), "naiveSyncBN" (any device) or "SyncBN" (GPUs): of the global batch
+    aff.STEM_NORM = "BN"
     aff.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # pixel decoder's Shepard interpolation: weights ~ d^-SHEPARD_POWER
     aff.SHEPARD_POWER = 6.0
@@ -292,7 +299,8 @@ def add_maskformer2_config(cfg):
     focal.PRETRAIN_IMG_SIZE = 224
     focal.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it
+    # SegFormer's Mix Transformer encoder (D2MixVisionTransformer); defaults: MiT-B2 as NVlabs builds it.
+    # Here and in MODEL.BOOSTFORMER each key is the encoder's constructor argument of that name in lower case.
     cfg.MODEL.MIT = CN()
     mit = cfg.MODEL.MIT
     mit.EMBED_DIMS = [64, 128, 320, 512]
@@ -326,7 +334,7 @@ def add_maskformer2_config(cfg):
     bf.DROP_PATH_RATE = 0.1
     bf.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
-    # all-MLP semantic heads (SegFormerHead, BoostFormerHead): dropout before the classifier
+    # all-MLP semantic heads (SegFormerHead, SegFormerConvHead, BoostFormerHead): dropout before the classifier
     head.DROPOUT = 0.1
 
     # sliding-window inference of semantic models: SIZE (h, w) windows every STRIDE (h, w) pixels

@@ -2,7 +2,7 @@
 
 ``decompositions()`` is a decomposition table for ``ExportedProgram.run_decompositions``: it
 replaces ``clusten::gather_dot``, ``clusten::gather_sum``, ``clusten::knn`` and
-``clusten::cluster_attention_fwd`` by their PyTorch references (one chunk for symbolic sizes),
+``clusten::cluster_attention_fwd`` and ``clusten::ms_deform_attn`` by their PyTorch references (one chunk for symbolic sizes),
 so that an exported program runs with torch alone and converts to ONNX with standard operators.
 """
 import torch
@@ -10,6 +10,7 @@ import torch
 from . import reference
 from .attention import reference_forward
 from .knn_search import brute_force_knn
+from .ms_deform_attn import _sample_and_mix
 
 __all__ = ["decompositions"]
 
@@ -30,4 +31,5 @@ def decompositions():
     table[torch.ops.clusten.gather_sum.default] = reference.gather_sum
     table[torch.ops.clusten.knn.default] = _knn
     table[torch.ops.clusten.cluster_attention_fwd.default] = _cluster_attention_fwd
+    table[torch.ops.clusten.ms_deform_attn.default] = _sample_and_mix
     return table

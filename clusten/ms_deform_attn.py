@@ -97,7 +97,8 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     """
     if isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
-    shapes = [int(x) for hw in spatial_shapes for x in hw]
+    # symbolic sizes stay symbolic (int() would fix an exported graph to the example's size)
+    shapes = [x if isinstance(x, torch.SymInt) else int(x) for hw in spatial_shapes for x in hw]
     s = check("ms_deform_attn", [
         ("value", value, "b s heads d", "float"),
         ("sampling_locations", sampling_locations, "b q heads levels points two", "float"),

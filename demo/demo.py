@@ -346,6 +346,8 @@ def run_images(demo, args):
                 logger.info(f"{path}: kept tokens per stage {counts}")
         elif show(vis_output.get_image()[:, :, ::-1], 0) == 27:
             break  # esc
+    if not args.output:
+        cv2.destroyAllWindows()
     return errors, written
 
 

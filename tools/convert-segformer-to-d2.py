@@ -4,12 +4,13 @@
 Usage:
     python tools/convert-segformer-to-d2.py INPUT OUTPUT.pkl
 
-INPUT is a HuggingFace ``save_pretrained`` directory (or its ``model.safetensors`` / ``pytorch_model.bin``),
-an NVlabs/SegFormer (mmseg) segmentation ``.pth``, or an ImageNet ``mit_b*.pth`` encoder. Converting is
+INPUT is a HuggingFace ``save_pretrained`` directory (or its ``model.safetensors`` / ``pytorch_model.bin``;
+task models or the base ``SegformerModel``), an NVlabs/SegFormer (mmseg 0.x) or MMSegmentation (>= 0.17)
+segmentation ``.pth``, or an ImageNet ``mit_b*.pth`` encoder (NVlabs or MMSegmentation names). Converting is
 optional: ``MODEL.WEIGHTS`` takes all of these directly. The output holds ``backbone.*`` (and
 ``sem_seg_head.*``) tensors for ``D2MixVisionTransformer``/``D2BoostFormer`` with ``SegFormerHead``/
-``BoostFormerHead``; the keys dropped by design (unused convs, classifiers) are printed. Nothing in the input
-is executed (weights-only reading).
+``SegFormerConvHead`` (MMSegmentation's head)/``BoostFormerHead``; the keys dropped by design (unused convs,
+classifiers) are printed. Nothing in the input is executed (weights-only reading).
 """
 import argparse
 import os
@@ -42,7 +43,7 @@ def convert(src, dst):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", help="HuggingFace directory/.safetensors/.bin, or NVlabs .pth")
+    parser.add_argument("input", help="HuggingFace directory/.safetensors/.bin, or NVlabs/MMSegmentation .pth")
     parser.add_argument("output", help="detectron2 weights (.pkl)")
     args = parser.parse_args(argv)
     print(convert(args.input, args.output))

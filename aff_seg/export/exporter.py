@@ -1,8 +1,13 @@
-"""Export the inference graph of a MaskFormer model: ``torch.export`` program or ONNX file.
+"""Export the inference graph of a segmentation model: ``torch.export`` program or ONNX file.
 
 The graph maps a normalised, padded ``1 x 3 x H x W`` float32 image to the raw outputs the
-post-processing needs (``runtime.OUTPUT_NAMES``: class and mask logits, and the kept token
-positions of every stage), with H and W dynamic multiples of the size divisibility. The clusten
+post-processing needs, with H and W dynamic multiples of the size divisibility:
+
+* ``MaskFormer`` (AFF, grid Mask2Former and FASeg on any backbone): ``runtime.MASK_OUTPUTS``,
+  class and mask logits, plus ``runtime.TOKEN_OUTPUTS``, the kept token positions of every
+  stage, when the backbone returns tokens;
+* ``CheckedSemanticSegmentor`` with an all-MLP head (SegFormer, BoostFormer):
+  ``runtime.SEMANTIC_OUTPUTS``, the class logits at the head's stride. The clusten
 ops are replaced by their PyTorch forms (``clusten.decompositions``), so the program needs
 torch alone and the ONNX file standard operators; ``torch.sort(stable=True)`` becomes ONNX
 ``TopK``, whose ties go to the lower index as well.
@@ -13,32 +18,62 @@ import json
 import os
 
 import torch
+import torch.fx.experimental._config as shape_config
 from torch import nn
 
 import clusten
 
 from . import runtime
 
-__all__ = ["InferenceGraph", "check_exportable", "export_model", "FORMATS"]
+__all__ = ["InferenceGraph", "SemanticGraph", "check_exportable", "export_program", "save", "export_model", "FORMATS"]
 
 FORMATS = tuple(runtime.MODEL_FILES)
 MAX_SIDE = 2048  # the largest input side the graph is exported for
+# meta-architecture -> the semantic heads it exports with (None: any)
+EXPORTABLE_HEADS = {
+    "MaskFormer": None, "CheckedSemanticSegmentor": ("SegFormerHead", "SegFormerConvHead", "BoostFormerHead")}
 
 
 class InferenceGraph(nn.Module):
     """``MaskFormer`` inference up to the raw outputs: image ``1 x 3 x H x W`` (normalised,
-    padded) -> tuple in ``runtime.OUTPUT_NAMES`` order (``pred_logits`` ``1 x Q x (K+1)``,
-    ``pred_masks`` ``1 x Q x H/4 x W/4``, ``res{i}_pos`` ``1 x n_i x 2``)."""
+    padded) -> tuple in ``output_names`` order (``pred_logits`` ``1 x Q x (K+1)``,
+    ``pred_masks`` ``1 x Q x H/4 x W/4``, and for a token backbone ``res{i}_pos`` ``1 x n_i x 2``)."""
 
     def __init__(self, model):
         super().__init__()
         self.backbone = model.backbone
         self.sem_seg_head = model.sem_seg_head
+        tokens = getattr(model.backbone, "output_format", "maps") == "tokens"
+        self.output_names = runtime.MASK_OUTPUTS + (runtime.TOKEN_OUTPUTS if tokens else ())
+        # dense maps: trace sizes without specialising them at 1, so that FASeg's top-k cell count
+        # (1 below 64 cells at stride 32, more above) stays one expression of the input size
+        self.size_oblivious = not tokens
+        self.size_divisibility = model.size_divisibility
+        self.postprocess = model.postprocess_settings()
 
     def forward(self, image):
         features = self.backbone(image)
         out = self.sem_seg_head(features)
-        return (out["pred_logits"], out["pred_masks"]) + tuple(features[f"{k}_pos"] for k in ("res2", "res3", "res4", "res5"))
+        return tuple(out[k] if k in out else features[k] for k in self.output_names)
+
+
+class SemanticGraph(nn.Module):
+    """``CheckedSemanticSegmentor`` inference up to the head's logits: image ``1 x 3 x H x W``
+    (normalised, padded) -> (``sem_seg_logits`` ``1 x K x H/s x W/s``,) at the head's
+    ``common_stride`` s; the runtime upsamples them to the input as the head does."""
+
+    output_names = runtime.SEMANTIC_OUTPUTS
+    size_oblivious = False
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = model.backbone
+        self.sem_seg_head = model.sem_seg_head
+        self.size_divisibility = model.backbone.size_divisibility  # as SemanticSegmentor pads
+        self.postprocess = {"common_stride": model.sem_seg_head.common_stride}
+
+    def forward(self, image):
+        return (self.sem_seg_head.layers(self.backbone(image)),)
 
 
 def check_exportable(cfg):
@@ -46,10 +81,13 @@ def check_exportable(cfg):
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("test-time augmentation (TEST.AUG.ENABLED=True) cannot be exported: the exported graph "
                          "runs one forward at one size; set TEST.AUG.ENABLED False")
-    if cfg.MODEL.META_ARCHITECTURE != "MaskFormer":
-        raise ValueError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} cannot be exported (only MaskFormer)")
-    if cfg.MODEL.BACKBONE.NAME != "AutoFocusFormer":
-        raise ValueError(f"MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} cannot be exported (only AutoFocusFormer)")
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in EXPORTABLE_HEADS:
+        raise ValueError(f"MODEL.META_ARCHITECTURE={arch!r} cannot be exported (only {', '.join(EXPORTABLE_HEADS)})")
+    if EXPORTABLE_HEADS[arch] and cfg.MODEL.SEM_SEG_HEAD.NAME not in EXPORTABLE_HEADS[arch]:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.NAME={cfg.MODEL.SEM_SEG_HEAD.NAME!r} cannot be exported with {arch} (only "
+            f"{', '.join(EXPORTABLE_HEADS[arch])}: the graph ends at their stride-4 logits)")
 
 
 def _sort_as_topk(self, stable=None, dim=-1, descending=False):
@@ -58,6 +96,21 @@ def _sort_as_topk(self, stable=None, dim=-1, descending=False):
 
     n = op.Gather(op.Shape(self), op.Constant(value_ints=[dim]), axis=0)
     return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
+
+
+def _amax(self, dim=(), keepdim=False):
+    """ONNX translation of ``aten.amax``, including the reduction over all dimensions
+    (``dim=()``, from ``x.amax()``), which onnxscript's translation does not accept."""
+    from onnxscript import opset18 as op
+
+    if not dim:
+        return op.ReduceMax(self, keepdims=int(keepdim))
+    return op.ReduceMax(self, op.Constant(value_ints=list(dim)), keepdims=int(keepdim))
+
+
+def onnx_translations():
+    """The ``custom_translation_table`` of ``torch.onnx.export`` for the exported programs."""
+    return {torch.ops.aten.sort.stable: _sort_as_topk, torch.ops.aten.amax.default: _amax}
 
 
 def _valid_sizes(backbone, example_size, lo, hi, div):
@@ -85,46 +138,36 @@ def _input_range(program, divisibility):
     return -(-lo // divisibility) * divisibility, min(s[1] for s in sides)
 
 
-def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_file=""):
-    """Export ``model`` (a MaskFormer in eval mode) to ``output_dir``.
+def export_program(model, cfg, example_size=(256, 256), config_file=""):
+    """Export ``model`` (a MaskFormer or CheckedSemanticSegmentor in eval mode) with ``torch.export``.
 
     Args:
-        model: the eager model; cfg: its config; fmt: "torch_export" or "onnx".
+        model: the eager model; cfg: its config.
         example_size: (H, W) of the example input, multiples of the size divisibility; the
-            graph is exact at every size that takes the same branches (global or local
-            attention per stage) as the example: model.json records the range and, per
-            height, the widths that do (``valid_widths``).
-        config_file: recorded in model.json.
+            graph is exact at every size that takes the same branches as the example (AFF:
+            global or local attention per stage): the settings record the range and, for AFF,
+            per height the widths that do (``valid_widths``).
+        config_file: recorded in the settings.
     Returns:
-        the path of the model file.
+        (the program with the clusten ops decomposed, the settings of ``model.json`` less the format)
     """
     check_exportable(cfg)
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    div = model.size_divisibility
+    graph = (SemanticGraph if cfg.MODEL.META_ARCHITECTURE == "CheckedSemanticSegmentor" else InferenceGraph)(model)
+    graph.eval()
+    div = graph.size_divisibility
     if div <= 0 or example_size[0] % div or example_size[1] % div:
         raise ValueError(f"example size {example_size} must be a multiple of the size divisibility {div}")
-    os.makedirs(output_dir, exist_ok=True)
-    graph = InferenceGraph(model).eval()
     example = torch.zeros(1, len(cfg.MODEL.PIXEL_MEAN), *example_size, device=model.device)
-    dims = [div * torch.export.Dim(name, min=1, max=MAX_SIDE // div) for name in ("rows", "cols")]
-    with torch.no_grad():
+    # at least 2 cells of the size divisibility a side: a map of one row or column (stride 32)
+    # would be specialised as a broadcast
+    dims = [div * torch.export.Dim(name, min=2, max=MAX_SIDE // div) for name in ("rows", "cols")]
+    with torch.no_grad(), shape_config.patch(backed_size_oblivious=graph.size_oblivious):
         program = torch.export.export(graph, (example,), dynamic_shapes={"image": {2: dims[0], 3: dims[1]}},
                                       strict=False)
         min_size, max_size = _input_range(program, div)
         program = program.run_decompositions(clusten.decompositions())
-    path = os.path.join(output_dir, runtime.MODEL_FILES[fmt])
-    if fmt == "torch_export":
-        torch.export.save(program, path)
-    else:
-        onnx_program = torch.onnx.export(
-            program, dynamo=True, input_names=["image"], output_names=list(runtime.OUTPUT_NAMES),
-            custom_translation_table={torch.ops.aten.sort.stable: _sort_as_topk}, verbose=False,
-        )
-        onnx_program.save(path)
     settings = {
         "config": config_file,
-        "format": fmt,
         "input": {
             "format": cfg.INPUT.FORMAT,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
@@ -133,13 +176,42 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
             "min_size": min_size,
             "max_size": max_size,
             "example_size": list(example_size),
-            "valid_widths": _valid_sizes(model.backbone, example_size, min_size, max_size, div),
             "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
             "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         },
-        "outputs": list(runtime.OUTPUT_NAMES),
-        "postprocess": model.postprocess_settings(),
+        "outputs": list(graph.output_names),
+        "postprocess": graph.postprocess,
     }
+    if hasattr(model.backbone, "global_attention"):  # AFF: the sizes that take the example's branches
+        settings["input"]["valid_widths"] = _valid_sizes(model.backbone, example_size, min_size, max_size, div)
+    return program, settings
+
+
+def save(program, settings, output_dir, fmt):
+    """Write ``program`` as ``fmt`` ("torch_export": the program; "onnx": converted by the
+    dynamo-based ``torch.onnx.export``) and its ``model.json`` to ``output_dir``.
+    Returns the path of the model file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, runtime.MODEL_FILES[fmt])
+    if fmt == "torch_export":
+        torch.export.save(program, path)
+    else:
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, input_names=["image"], output_names=settings["outputs"],
+            custom_translation_table=onnx_translations(), verbose=False,
+        )
+        onnx_program.save(path)
     with open(os.path.join(output_dir, runtime.SETTINGS_FILE), "w") as f:
-        json.dump(settings, f, indent=2)
+        json.dump({**settings, "format": fmt}, f, indent=2)
     return path
+
+
+def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_file=""):
+    """Export ``model`` as ``fmt`` to ``output_dir`` (``export_program``, then ``save``).
+    Returns the path of the model file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    program, settings = export_program(model, cfg, example_size, config_file)
+    return save(program, settings, output_dir, fmt)

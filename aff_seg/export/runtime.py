@@ -1,5 +1,6 @@
 """Run an exported segmentation model (a ``torch.export`` program or an ONNX file) and
-post-process its raw outputs exactly as the eager ``MaskFormer`` does.
+post-process its raw outputs exactly as the eager model (``MaskFormer``, or detectron2's
+``SemanticSegmentor`` for SegFormer/BoostFormer) does.
 
 This module imports torch and numpy (``onnxruntime`` for ONNX files; detectron2's structures
 for instance results and its transforms for ``ExportedPredictor``, when they are used), but
@@ -19,14 +20,18 @@ from torch.nn import functional as F
 
 
 __all__ = [
-    "MODEL_FILES", "SETTINGS_FILE", "OUTPUT_NAMES", "ExportedModel", "ExportedPredictor", "postprocess",
+    "MODEL_FILES", "SETTINGS_FILE", "MASK_OUTPUTS", "TOKEN_OUTPUTS", "SEMANTIC_OUTPUTS", "ExportedModel", "ExportedPredictor", "postprocess",
     "semantic_inference", "panoptic_inference", "instance_inference",
 ]
 
 MODEL_FILES = {"torch_export": "model.pt2", "onnx": "model.onnx"}
 SETTINGS_FILE = "model.json"
-# the exported graph's outputs, in order: the mask classification and the kept tokens per stage
-OUTPUT_NAMES = ("pred_logits", "pred_masks", "res2_pos", "res3_pos", "res4_pos", "res5_pos")
+# the exported graph's outputs, in order (``model.json``'s ``outputs``): a MaskFormer's mask
+# classification, then for a token backbone (AFF) the kept tokens per stage; or a semantic
+# model's logits at the head's stride
+MASK_OUTPUTS = ("pred_logits", "pred_masks")
+TOKEN_OUTPUTS = ("res2_pos", "res3_pos", "res4_pos", "res5_pos")
+SEMANTIC_OUTPUTS = ("sem_seg_logits",)
 
 
 def sem_seg_postprocess(result, img_size, output_height, output_width):
@@ -153,9 +158,10 @@ class ExportedModel:
     ``model.json`` holds ``config`` (the config file), ``format`` (torch_export / onnx),
     ``input`` (``format`` RGB/BGR, ``pixel_mean``, ``pixel_std``, ``size_divisibility``,
     ``min_size``/``max_size``: the input sizes (after padding) the graph was exported for,
-    ``valid_widths``: per height, the [min, max] width at which the exported graph is exact,
-    ``min_size_test``/``max_size_test``: the test resize) and ``postprocess`` (see
-    ``postprocess``).
+    ``valid_widths`` (AFF only): per height, the [min, max] width at which the exported graph
+    is exact, ``min_size_test``/``max_size_test``: the test resize), ``outputs`` (the graph's
+    output names) and ``postprocess`` (mask classification: see ``postprocess``; semantic
+    logits: ``common_stride``, the factor to upsample them by).
 
     Args:
         directory: the export directory.
@@ -202,6 +208,8 @@ class ExportedModel:
             raise ValueError(f"input size {h} x {w} is not a multiple of the size divisibility {div} (pad the image)")
         if min(h, w) < lo or max(h, w) > hi:
             raise ValueError(f"input size {h} x {w} is outside the exported range: each side in [{lo}, {hi}] pixels")
+        if "valid_widths" not in self.input:
+            return
         widths = self.input["valid_widths"].get(str(h))
         if widths is None or not widths[0] <= w <= widths[1]:
             example = "x".join(str(s) for s in self.input["example_size"])
@@ -210,7 +218,7 @@ class ExportedModel:
                 f"branches (global/local attention per stage) there; allowed widths for height {h}: {widths}")
 
     def raw(self, image):
-        """Normalised, padded ``1 x C x H x W`` float32 -> dict of the graph outputs (``OUTPUT_NAMES``)."""
+        """Normalised, padded ``1 x C x H x W`` float32 -> dict of the graph outputs (``outputs``)."""
         self.check_input(image)
         if self.format == "onnx":
             outputs = self._session.run(None, {self._input_name: image.detach().cpu().numpy()})
@@ -218,7 +226,7 @@ class ExportedModel:
         else:
             with torch.no_grad():
                 outputs = self._program(image.to(self.device))
-        return dict(zip(OUTPUT_NAMES, outputs))
+        return dict(zip(self.settings["outputs"], outputs))
 
     def preprocess(self, image):
         """``C x H x W`` image (input format, 0-255) -> (normalised input padded to the size
@@ -230,16 +238,21 @@ class ExportedModel:
         return x.unsqueeze(0), (h, w)
 
     def __call__(self, batched_inputs):
-        """Like ``MaskFormer`` in inference: a list of ``{"image": C x H x W, "height", "width"}``
+        """Like the eager model in inference: a list of ``{"image": C x H x W, "height", "width"}``
         -> a list of result dicts (``sem_seg``, ``panoptic_seg``, ``instances``)."""
         results = []
+        settings = self.settings["postprocess"]
         for item in batched_inputs:
             x, image_size = self.preprocess(item["image"])
             out = self.raw(x)
-            mask_pred = F.interpolate(out["pred_masks"].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
             height, width = item.get("height", image_size[0]), item.get("width", image_size[1])
-            results.append(postprocess(out["pred_logits"].float()[0], mask_pred[0], image_size, height, width,
-                                       self.settings["postprocess"]))
+            if "sem_seg_logits" in out:  # as SemanticSegmentor: the head's upsampling, then crop and resize
+                logits = F.interpolate(out["sem_seg_logits"].float(), scale_factor=settings["common_stride"],
+                                       mode="bilinear", align_corners=False)
+                results.append({"sem_seg": sem_seg_postprocess(logits[0], image_size, height, width)})
+                continue
+            mask_pred = F.interpolate(out["pred_masks"].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            results.append(postprocess(out["pred_logits"].float()[0], mask_pred[0], image_size, height, width, settings))
         return results
 
 

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import cv2
 import numpy as np
@@ -126,19 +127,78 @@ def test_video(demo, tiny_config, tmp_path, existing):
     assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
 
 
-def test_webcam_shows_frames_until_escape(demo, tiny_config, tmp_path, monkeypatch):
-    """--webcam reads camera 0 (here a recorded clip stands in for it) and stops on esc."""
+class _FakeCamera:
+    """``cv2.VideoCapture`` of a camera or file that yields ``frames`` 48 x 64 BGR frames."""
+
+    def __init__(self, source, frames=5):
+        self.source, self.left, self.released = source, frames, False
+
+    def isOpened(self):
+        return not self.released
+
+    def read(self):
+        if self.left == 0:
+            return False, None
+        self.left -= 1
+        return True, np.full((48, 64, 3), 40 * self.left, dtype=np.uint8)
+
+    def get(self, prop):
+        return {cv2.CAP_PROP_FRAME_WIDTH: 64, cv2.CAP_PROP_FRAME_HEIGHT: 48, cv2.CAP_PROP_FPS: 5.0,
+                cv2.CAP_PROP_FRAME_COUNT: 5}.get(prop, 0)
+
+    def release(self):
+        self.released = True
+
+
+@pytest.fixture
+def gui_cv2(demo, monkeypatch):
+    """An OpenCV with a GUI, simulated: its build information lists GTK, windows record what they
+    show, ``waitKey`` returns esc on the call numbered ``escape_at`` (else no key), cameras and
+    video files are ``_FakeCamera``s.  Returns the record of calls."""
+    calls = {"windows": [], "shown": [], "waits": [], "destroyed": 0, "opened": [], "escape_at": None}
+    build = re.sub(r"GUI:\s*NONE", "GUI: GTK3", cv2.getBuildInformation())
+    monkeypatch.setattr(demo.cv2, "getBuildInformation", lambda: build)
+    monkeypatch.setattr(demo.cv2, "namedWindow", lambda name, flags=0: calls["windows"].append(name))
+    monkeypatch.setattr(demo.cv2, "imshow", lambda name, image: calls["shown"].append((name, image.shape)))
+
+    def wait_key(delay):
+        calls["waits"].append(delay)
+        return 27 if len(calls["waits"]) == calls["escape_at"] else -1
+
+    def destroy_all_windows():
+        calls["destroyed"] += 1
+
+    monkeypatch.setattr(demo.cv2, "waitKey", wait_key)
+    monkeypatch.setattr(demo.cv2, "destroyAllWindows", destroy_all_windows)
+    monkeypatch.setattr(demo.cv2, "VideoCapture", lambda source: calls["opened"].append(source) or _FakeCamera(source))
+    return calls
+
+
+@pytest.mark.parametrize("source", ["images", "video", "webcam"])
+def test_results_shown_in_a_window_with_a_gui_opencv(demo, tiny_config, tmp_path, gui_cv2, capsys, source):
+    """With a GUI-capable OpenCV (``pip install .[gui]``) and no --output, the demo's window path
+    runs: each image until a key, every video frame, the webcam until esc; windows closed."""
+    assert demo.gui_available()
     config, opts = tiny_config
-    clip = _write_clip(tmp_path / "camera.mp4", 5)
-    real_open = demo.open_video
-    opened, shown = [], []
-    monkeypatch.setattr(demo, "open_video", lambda source: opened.append(source) or real_open(clip))
-    monkeypatch.setattr(demo, "show", lambda image, wait_ms: shown.append(image.shape) or (27 if len(shown) == 2 else -1))
-    monkeypatch.setattr(demo.cv2, "destroyAllWindows", lambda: None)
-    monkeypatch.setattr(demo, "gui_available", lambda: True)
-    assert demo.main(["--config-file", config, "--webcam", "--opts", *opts]) == 0
-    assert opened == [0]
-    assert shown == [(48, 64, 3)] * 2  # esc after the second frame ends the loop
+    if source == "images":
+        for i, name in enumerate(("a.png", "b.png")):
+            _write_image(tmp_path / name, 48, 64, seed=i)
+        args = ["--input", str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+        expected_waits, expected_opened = [0, 0], []
+    elif source == "video":
+        args = ["--video-input", str(tmp_path / "clip.mp4")]
+        expected_waits, expected_opened = [1] * 5, [str(tmp_path / "clip.mp4")]
+    else:
+        gui_cv2["escape_at"] = 2  # esc after the second camera frame
+        args = ["--webcam"]
+        expected_waits, expected_opened = [1, 1], [0]
+    assert demo.main(["--config-file", config, *args, *opts]) == 0
+    assert gui_cv2["opened"] == expected_opened
+    assert gui_cv2["waits"] == expected_waits
+    assert gui_cv2["shown"] == [(demo.WINDOW_NAME, (48, 64, 3))] * len(expected_waits)
+    assert set(gui_cv2["windows"]) == {demo.WINDOW_NAME}
+    assert gui_cv2["destroyed"] == 1
+    assert "results saved" not in capsys.readouterr().out  # shown, nothing written
 
 
 def _frames(path):

@@ -18,13 +18,13 @@ Module names follow the HuggingFace ``save_pretrained`` dumps of the original (`
 ``block.2.0.attention.query`` ...); ``segformer_weights`` maps the few that differ.
 """
 import torch
-from detectron2.config import configurable
 from detectron2.layers import get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from torch import nn
 
 from .attention import DropPath
-from .mit import DenseMapsBackbone, check_out_features, maps_to_tokens, tokens_to_maps
+from .base import EncoderMapsBackbone
+from .mit import maps_to_tokens, tokens_to_maps
 
 __all__ = ["BoostFormer", "D2BoostFormer"]
 
@@ -202,36 +202,9 @@ def _init_weights(module):
 
 
 @BACKBONE_REGISTRY.register()
-class D2BoostFormer(DenseMapsBackbone, BoostFormer):
+class D2BoostFormer(EncoderMapsBackbone, BoostFormer):
     """BoostFormer as a detectron2 backbone (``cfg.MODEL.BOOSTFORMER.*``): ``{res2..res5}`` maps at strides
     4/8/16/32."""
 
-    @configurable
-    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **kwargs):
-        out_indices = check_out_features(out_features, "MODEL.BOOSTFORMER.OUT_FEATURES")
-        BoostFormer.__init__(self, out_indices=out_indices, **kwargs)
-        self._set_outputs(out_features, self.embed_dims)
-
-    def forward(self, x):
-        return self.named_outputs(BoostFormer.forward(self, x))
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        bf = cfg.MODEL.BOOSTFORMER
-        return dict(
-            in_chans=input_shape.channels,
-            embed_dims=list(bf.EMBED_DIMS),
-            depths=list(bf.DEPTHS),
-            num_heads=list(bf.NUM_HEADS),
-            block_types=list(bf.BLOCK_TYPES),
-            mlp_ratios=list(bf.MLP_RATIOS),
-            patch_sizes=list(bf.PATCH_SIZES),
-            strides=list(bf.STRIDES),
-            token_pool_size=bf.TOKEN_POOL_SIZE,
-            kv_pool_size=bf.KV_POOL_SIZE,
-            mix_kernels=list(bf.MIX_KERNELS),
-            layer_scale_init=bf.LAYER_SCALE_INIT,
-            norm=bf.NORM,
-            drop_path_rate=bf.DROP_PATH_RATE,
-            out_features=list(bf.OUT_FEATURES),
-        )
+    encoder_class = BoostFormer
+    config_node = "BOOSTFORMER"

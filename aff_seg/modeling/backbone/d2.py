@@ -1,16 +1,15 @@
 """The detectron2 backbone ``AutoFocusFormer``: the plain ``AFF`` core built from ``cfg.MODEL.AFF.*``."""
 from detectron2.config import configurable
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
 
 from .aff import AFF
+from .base import OUT_FEATURES, StagesBackbone, check_out_features
 
 __all__ = ["AutoFocusFormer"]
 
-OUT_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-
 
 @BACKBONE_REGISTRY.register()
-class AutoFocusFormer(AFF, Backbone):
+class AutoFocusFormer(AFF, StagesBackbone):
     """AFF registered under the original's name; ``output_shape`` gives res2..res5 with the
     stage dims as channels and nominal strides 4, 8, 16, 32 (the tokens are not on a grid:
     each output also carries ``res{i}_pos`` and ``res{i}_spatial_shape``)."""
@@ -18,14 +17,9 @@ class AutoFocusFormer(AFF, Backbone):
     output_format = "tokens"  # the heads take their point-cloud variants (aff_seg.modeling.variants)
 
     @configurable
-    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **aff_kwargs):
-        unknown = [f for f in out_features if f not in OUT_STRIDES]
-        if unknown:
-            raise ValueError(f"MODEL.AFF.OUT_FEATURES: unknown {unknown}, expected some of {list(OUT_STRIDES)}")
-        super().__init__(out_indices=[int(f[3:]) - 2 for f in out_features], **aff_kwargs)
-        self._out_features = list(out_features)
-        self._out_feature_strides = {f: OUT_STRIDES[f] for f in out_features}
-        self._out_feature_channels = {f: self.num_features[int(f[3:]) - 2] for f in out_features}
+    def __init__(self, *, out_features=OUT_FEATURES, **aff_kwargs):
+        super().__init__(out_indices=check_out_features(out_features, "MODEL.AFF.OUT_FEATURES"), **aff_kwargs)
+        self._set_outputs(out_features, self.num_features)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -46,12 +40,7 @@ class AutoFocusFormer(AFF, Backbone):
             attn_drop_rate=aff.ATTN_DROP_RATE,
             drop_path_rate=aff.DROP_PATH_RATE,
             patch_norm=aff.PATCH_NORM,
+            stem_norm=aff.STEM_NORM,
             out_features=list(aff.OUT_FEATURES),
             fused_attention=aff.FUSED_ATTENTION,
         )
-
-    def output_shape(self):
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }

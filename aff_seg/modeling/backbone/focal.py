@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import DropPath, Mlp
-from .mit import DenseMapsBackbone, check_out_features
+from .base import OUT_FEATURES, DenseMapsBackbone, check_out_features
 from .resnet_tokens import MapsAsTokens
 
 __all__ = [
@@ -449,7 +449,7 @@ class D2FocalTransformer(DenseMapsBackbone, FocalTransformer):
     ``b x C_i x H/s x W/s`` (strides 4, 8, 16, 32; the input is padded to a multiple of 32)."""
 
     @configurable
-    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **focal_kwargs):
+    def __init__(self, *, out_features=OUT_FEATURES, **focal_kwargs):
         out_indices = check_out_features(out_features, "MODEL.FOCAL.OUT_FEATURES")
         FocalTransformer.__init__(self, out_indices=out_indices, **focal_kwargs)
         self._set_outputs(out_features, self.num_features)

@@ -12,11 +12,11 @@ maps the HuggingFace names.
 import math
 
 import torch
-from detectron2.config import configurable
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
 from torch import nn
 
 from .attention import DropPath
+from .base import EncoderMapsBackbone
 
 __all__ = ["MIT_SIZES", "MixVisionTransformer", "D2MixVisionTransformer", "maps_to_tokens", "tokens_to_maps"]
 
@@ -29,7 +29,6 @@ MIT_SIZES = {
     "b4": {"embed_dims": (64, 128, 320, 512), "depths": (3, 8, 27, 3)},
     "b5": {"embed_dims": (64, 128, 320, 512), "depths": (3, 6, 40, 3)},
 }
-OUT_FEATURES = ("res2", "res3", "res4", "res5")  # stage i -> res{i+2}, stride 4 * 2**i
 
 
 def maps_to_tokens(x):
@@ -188,67 +187,9 @@ def _init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def check_out_features(out_features, key):
-    """Stage indices of ``out_features`` (some of res2..res5); ``key`` names the config key in errors."""
-    unknown = [f for f in out_features if f not in OUT_FEATURES]
-    if unknown or not out_features:
-        raise ValueError(f"{key}: {list(out_features)} must be a non-empty subset of {list(OUT_FEATURES)}")
-    return [OUT_FEATURES.index(f) for f in out_features]
-
-
-class DenseMapsBackbone(Backbone):
-    """detectron2 ``Backbone`` over a four-stage encoder whose ``forward`` returns a list of maps:
-    ``{res2..res5: b x C_i x H/s x W/s}`` at strides 4/8/16/32, padded to a multiple of 32."""
-
-    output_format = "maps"
-
-    def _set_outputs(self, out_features, channels):
-        self._out_features = list(out_features)
-        self._out_feature_strides = {f: 4 * 2 ** OUT_FEATURES.index(f) for f in out_features}
-        self._out_feature_channels = {f: channels[OUT_FEATURES.index(f)] for f in out_features}
-
-    @property
-    def size_divisibility(self):
-        return 32
-
-    def named_outputs(self, maps):
-        """The encoder's list of stage maps as ``{res*: map}``."""
-        return dict(zip(self._out_features, maps))
-
-    def output_shape(self):
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }
-
-
 @BACKBONE_REGISTRY.register()
-class D2MixVisionTransformer(DenseMapsBackbone, MixVisionTransformer):
+class D2MixVisionTransformer(EncoderMapsBackbone, MixVisionTransformer):
     """MiT as a detectron2 backbone (``cfg.MODEL.MIT.*``); see ``DenseMapsBackbone`` for the outputs."""
 
-    @configurable
-    def __init__(self, *, out_features=OUT_FEATURES, **kwargs):
-        out_indices = check_out_features(out_features, "MODEL.MIT.OUT_FEATURES")
-        MixVisionTransformer.__init__(self, out_indices=out_indices, **kwargs)
-        self._set_outputs(out_features, self.embed_dims)
-
-    def forward(self, x):
-        return self.named_outputs(MixVisionTransformer.forward(self, x))
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        mit = cfg.MODEL.MIT
-        return dict(
-            in_chans=input_shape.channels,
-            embed_dims=list(mit.EMBED_DIMS),
-            depths=list(mit.DEPTHS),
-            num_heads=list(mit.NUM_HEADS),
-            sr_ratios=list(mit.SR_RATIOS),
-            mlp_ratios=list(mit.MLP_RATIOS),
-            patch_sizes=list(mit.PATCH_SIZES),
-            strides=list(mit.STRIDES),
-            qkv_bias=mit.QKV_BIAS,
-            drop_path_rate=mit.DROP_PATH_RATE,
-            ln_eps=mit.LN_EPS,
-            out_features=list(mit.OUT_FEATURES),
-        )
+    encoder_class = MixVisionTransformer
+    config_node = "MIT"

@@ -6,7 +6,7 @@ So the point-cloud pixel decoder and transformer decoder can run on grid tokens 
 (AFF) tokens alike, and the two can be compared in one harness.
 """
 from detectron2.config import configurable
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from ..point_utils import grid_positions
@@ -88,9 +88,3 @@ class D2ResNetTokens(MapsAsTokens, Backbone):
 
     def dense_maps(self, x):
         return self.resnet(x)
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-            for name in self._out_features
-        }

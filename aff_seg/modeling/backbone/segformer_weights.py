@@ -8,12 +8,20 @@ Formats recognised by ``detect_format(state_dict)``:
 * ``hf_segformer``: HuggingFace ``save_pretrained`` dumps of ``SegformerForSemanticSegmentation``
   (``segformer.encoder.*``, ``decode_head.*``) or ``SegformerForImageClassification`` (``classifier.*``);
 * ``hf_boostformer``: the same HuggingFace classes as modified by BoostFormer (pooling patch embeddings:
-  ``segformer.encoder.patch_embeddings.0.conv.weight``).
+  ``segformer.encoder.patch_embeddings.0.conv.weight``);
+* ``hf_segformer_base`` / ``hf_boostformer_base``: ``save_pretrained`` dumps of the base ``SegformerModel``
+  (the encoder alone, ``encoder.*`` without the ``segformer.`` prefix);
+* ``mmseg``: MMSegmentation (>= 0.17) checkpoints of its MiT re-implementation (``backbone.layers.{i}.0`` patch
+  embedding, ``.1.{j}`` blocks with ``nn.MultiheadAttention``, ``.2`` stage norm) with its ``SegformerHead``
+  (``decode_head.convs.{i}.conv/bn``, ``fusion_conv``, ``conv_seg``), or the backbone alone;
+* ``mmseg_imagenet``: MMSegmentation's ImageNet MiT encoders (``layers.*`` without prefix).
 
 ``convert(state_dict, fmt)`` returns the tensors under the names of ``D2MixVisionTransformer`` /
-``D2BoostFormer`` (``backbone.*``) and ``SegFormerHead`` / ``BoostFormerHead`` (``sem_seg_head.*``) and the
-dropped keys with the reason. Every mapping is an explicit rename; the only reshaping is HuggingFace's
-separate ``key``/``value`` linears, concatenated into MiT's ``kv`` (keys first).
+``D2BoostFormer`` (``backbone.*``) and ``SegFormerHead`` / ``SegFormerConvHead`` (MMSegmentation's head) /
+``BoostFormerHead`` (``sem_seg_head.*``) and the dropped keys with the reason. Every mapping is an explicit
+rename; the only reshaping: HuggingFace's separate ``key``/``value`` linears are concatenated into MiT's ``kv``
+(keys first), MMSegmentation's ``in_proj`` (query, key, value rows) is split into ``q`` and ``kv``, and its 1x1
+convolutions of the Mix-FFN become ``Linear`` weights.
 """
 import re
 
@@ -26,6 +34,10 @@ FORMATS = {
     "nvlabs_imagenet": "NVlabs/SegFormer ImageNet MiT encoder",
     "hf_segformer": "HuggingFace SegFormer checkpoint",
     "hf_boostformer": "HuggingFace BoostFormer checkpoint",
+    "hf_segformer_base": "HuggingFace SegformerModel (encoder) checkpoint",
+    "hf_boostformer_base": "HuggingFace BoostFormer SegformerModel (encoder) checkpoint",
+    "mmseg": "MMSegmentation (>= 0.17) SegFormer checkpoint",
+    "mmseg_imagenet": "MMSegmentation ImageNet MiT encoder",
 }
 
 # (pattern, replacement), applied in order, first match wins; None drops the key
@@ -72,12 +84,33 @@ _HF_BOOSTFORMER = [
     (r"^decode_head\.", "sem_seg_head."),
     (r"^classifier\.", None),
 ]
+_HF_BASE = [(r"^encoder\.", "segformer.encoder.")]  # SegformerModel: no "segformer." prefix
+_MMSEG = [
+    (r"^backbone\.layers\.(\d)\.0\.projection\.", lambda m: f"backbone.patch_embed{int(m[1]) + 1}.proj."),
+    (r"^backbone\.layers\.(\d)\.0\.norm\.", lambda m: f"backbone.patch_embed{int(m[1]) + 1}.norm."),
+    (r"^backbone\.layers\.(\d)\.1\.(\d+)\.", lambda m: f"backbone.block{int(m[1]) + 1}.{m[2]}."),
+    (r"^backbone\.layers\.(\d)\.2\.", lambda m: f"backbone.norm{int(m[1]) + 1}."),
+    (r"\.attn\.attn\.in_proj_(weight|bias)$", r".attn.in_proj#\1"),  # split into q and kv below
+    (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.ffn\.layers\.0\.", ".mlp.fc1#"),  # 1x1 convs: reshaped to Linear below
+    (r"\.ffn\.layers\.1\.", ".mlp.dwconv.dwconv."),
+    (r"\.ffn\.layers\.4\.", ".mlp.fc2#"),
+    (r"^decode_head\.convs\.(\d)\.conv\.", lambda m: f"sem_seg_head.linear_c.{m[1]}.conv."),
+    (r"^decode_head\.convs\.(\d)\.bn\.", lambda m: f"sem_seg_head.linear_c.{m[1]}.norm."),
+    (r"^decode_head\.fusion_conv\.conv\.", "sem_seg_head.linear_fuse."),
+    (r"^decode_head\.fusion_conv\.bn\.", "sem_seg_head.norm."),
+    (r"^decode_head\.conv_seg\.", "sem_seg_head.classifier."),
+]
 # rules applied one after the other (HF block renames need the prefix rule first), or first match only
 _RULES = {
     "nvlabs": (_NVLABS_HEAD, False),
     "nvlabs_imagenet": (_NVLABS_IMAGENET, False),
     "hf_segformer": (_HF_SEGFORMER, True),
     "hf_boostformer": (_HF_BOOSTFORMER, True),
+    "hf_segformer_base": (_HF_BASE + _HF_SEGFORMER, True),
+    "hf_boostformer_base": (_HF_BASE + _HF_BOOSTFORMER, True),
+    "mmseg": (_MMSEG, True),
+    "mmseg_imagenet": ([(r"^layers\.", "backbone.layers.")] + _MMSEG, True),
 }
 _DROP_REASONS = {
     "decode_head.conv_seg.": "mmseg's unused conv_seg",
@@ -95,6 +128,14 @@ def detect_format(state_dict):
         return "hf_boostformer"
     if "segformer.encoder.patch_embeddings.0.proj.weight" in keys:
         return "hf_segformer"
+    if "encoder.patch_embeddings.0.conv.weight" in keys:
+        return "hf_boostformer_base"
+    if "encoder.patch_embeddings.0.proj.weight" in keys:
+        return "hf_segformer_base"
+    if "backbone.layers.0.0.projection.weight" in keys and "backbone.layers.0.1.0.attn.attn.in_proj_weight" in keys:
+        return "mmseg"
+    if "layers.0.0.projection.weight" in keys and "layers.0.1.0.attn.attn.in_proj_weight" in keys:
+        return "mmseg_imagenet"
     if "backbone.patch_embed1.proj.weight" in keys and any(k.startswith("decode_head.") for k in keys):
         return "nvlabs"
     if "patch_embed1.proj.weight" in keys and "block1.0.attn.kv.weight" in keys:
@@ -129,12 +170,19 @@ def convert(state_dict, fmt):
         new = _rename(key, rules, chained)
         if new is None:
             dropped[key] = next(reason for prefix, reason in _DROP_REASONS.items() if key.startswith(prefix))
-        elif "#" in new:
-            module, rest = new.split("#")  # "backbone.block1.0.attn.kv", "key.weight"
+            continue
+        module, _, rest = new.partition("#")
+        if not rest:
+            converted[new] = value
+        elif module.endswith(".attn.kv"):  # HuggingFace's key or value: "key.weight"
             part, tensor = rest.split(".", 1)
             halves.setdefault(f"{module}.{tensor}", {})[part] = value
-        else:
-            converted[new] = value
+        elif module.endswith(".attn.in_proj"):  # nn.MultiheadAttention: query rows, then key, then value
+            attn, dim = module[: -len("in_proj")], value.shape[0] // 3
+            converted[f"{attn}q.{rest}"] = value[:dim].clone()
+            converted[f"{attn}kv.{rest}"] = value[dim:].clone()
+        else:  # a 1x1 convolution (out x in x 1 x 1) as a Linear (out x in)
+            converted[f"{module}.{rest}"] = value.flatten(1) if rest == "weight" else value
     for name, parts in halves.items():
         if set(parts) != {"key", "value"}:
             raise ValueError(f"HuggingFace checkpoint: {name} has a {set(parts).pop()} but no matching other half")

@@ -21,7 +21,7 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from .attention import DropPath, Mlp
-from .mit import OUT_FEATURES, DenseMapsBackbone, check_out_features
+from .base import OUT_FEATURES, DenseMapsBackbone, check_out_features
 
 __all__ = ["SwinTransformer", "D2SwinTransformer"]
 

@@ -1,10 +1,13 @@
-"""All-MLP semantic heads for detectron2's ``SemanticSegmentor``: ``SegFormerHead`` (SegFormer, Xie et al. 2021)
-and ``BoostFormerHead`` (BoostFormer's weighted sum), in ``SEM_SEG_HEADS_REGISTRY``.
+"""All-MLP semantic heads for detectron2's ``SemanticSegmentor``: ``SegFormerHead`` (SegFormer, Xie et al. 2021),
+``SegFormerConvHead`` (the same decoder as MMSegmentation >= 0.17 builds it) and ``BoostFormerHead``
+(BoostFormer's weighted sum), in ``SEM_SEG_HEADS_REGISTRY``.
 
 Both project every input map to ``D = MODEL.SEM_SEG_HEAD.CONVS_DIM`` channels with a per-pixel linear
 (``linear_c.i.proj``) and upsample it bilinearly to the first (stride-4) map, then fuse:
 
 * ``SegFormerHead``: concatenate in the order [last, ..., first], 1x1 conv (4D -> D, no bias), norm, ReLU;
+* ``SegFormerConvHead``: the projections are 1x1 conv (no bias) + norm + ReLU (``linear_c.i.conv/norm``),
+  concatenated in the order [first, ..., last], then as ``SegFormerHead``;
 * ``BoostFormerHead``: ``sum_i w_i * map_i`` with learnable scalars ``w`` (init 1), norm, ReLU. The original
   also creates a 4D -> D conv that it never calls; it is not built here.
 
@@ -19,7 +22,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["SegFormerHead", "BoostFormerHead"]
+__all__ = ["SegFormerHead", "SegFormerConvHead", "BoostFormerHead"]
 
 
 class LinearEmbed(nn.Module):
@@ -31,6 +34,18 @@ class LinearEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvEmbed(nn.Module):
+    """1x1 conv without bias, norm, ReLU: ``b x c x h x w -> b x D x h x w``."""
+
+    def __init__(self, in_dim, dim, norm):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, dim, 1, bias=False)
+        self.norm = get_norm(norm, dim)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
 
 
 class _AllMLPHead(nn.Module):
@@ -50,7 +65,7 @@ class _AllMLPHead(nn.Module):
         self.common_stride = shapes[0][1].stride
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
-        self.linear_c = nn.ModuleList(LinearEmbed(shape.channels, embed_dim) for _, shape in shapes)
+        self.linear_c = nn.ModuleList(self.embedding(shape.channels, embed_dim, norm) for _, shape in shapes)
         self.norm = get_norm(norm, embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
@@ -70,6 +85,10 @@ class _AllMLPHead(nn.Module):
             "ignore_value": head.IGNORE_VALUE,
             "loss_weight": head.LOSS_WEIGHT,
         }
+
+    def embedding(self, in_dim, dim, norm):
+        """The projection of one input map to ``dim`` channels."""
+        return LinearEmbed(in_dim, dim)
 
     def layers(self, features):
         """Stride-4 logits ``b x K x H/4 x W/4`` of the backbone's ``features``."""
@@ -105,6 +124,18 @@ class SegFormerHead(_AllMLPHead):
     def fuse(self, embedded):
         """``embedded``: the projected maps, b x D x h x w each, first stage first."""
         return self.linear_fuse(torch.cat(embedded[::-1], dim=1))
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class SegFormerConvHead(SegFormerHead):
+    """SegFormer's decoder as MMSegmentation (>= 0.17) builds it (its ``SegformerHead``): each projection is a
+    1x1 conv + norm + ReLU, and the concatenation keeps the stage order. Its checkpoints load into this head."""
+
+    def embedding(self, in_dim, dim, norm):
+        return ConvEmbed(in_dim, dim, norm)
+
+    def fuse(self, embedded):
+        return self.linear_fuse(torch.cat(embedded, dim=1))
 
 
 @SEM_SEG_HEADS_REGISTRY.register()

@@ -9,13 +9,13 @@ and the res2 FPN output) and their four encodings.
 """
 from typing import Dict
 
-import torch
 from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ..point_utils import autocast_off
 from .msdeformattn import MSDeformAttnPixelDecoder
 
 __all__ = ["MSDeformAttnPixelDecoder4ScalesFASeg"]
@@ -58,7 +58,7 @@ class MSDeformAttnPixelDecoder4ScalesFASeg(MSDeformAttnPixelDecoder):
     def forward_features(self, features):
         """See the class docstring."""
         device = features[self.in_features[0]].device
-        with torch.autocast(device_type=device.type, enabled=False):
+        with autocast_off(device.type):
             srcs, pos = [], []
             # res5, res4, res3, then res2 (the original does not cast res2 to float: fp16 under AMP)
             for idx, name in enumerate(self.transformer_in_features[::-1] + self.in_features[:1]):

@@ -24,6 +24,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 import clusten
 
+from ..point_utils import autocast_off
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -314,7 +315,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward_features(self, features):
         """See the class docstring."""
         device = features[self.in_features[0]].device
-        with torch.autocast(device_type=device.type, enabled=False):
+        with autocast_off(device.type):
             srcs, pos = [], []
             for idx, name in enumerate(self.transformer_in_features[::-1]):  # res5, res4, res3
                 x = features[name].float()

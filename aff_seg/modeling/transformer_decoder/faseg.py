@@ -13,7 +13,8 @@ Segmentation", CVPR 2023 (github.com/ziplab/FASeg).  See docs/faseg.md.
   ``max(1, n_5 // OMEGA_RATE)`` res5 cells with the largest cross-attention summed over the
   queries at the last res5 layer.
 
-This file holds the shared pieces and the grid decoder (the original's, with its key names:
+This file holds the shared pieces (``FASegDecoderMixin``: options, schedule, the decoder layers)
+and the grid decoder (the original's, with its key names:
 its released checkpoints load); ``faseg_pc`` the point-cloud variant on AFF tokens.
 """
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "pooled_positional_queries",
     "top_cells",
     "windows",
+    "FASegDecoderMixin",
     "MultiScaleMaskedTransformerDecoderFASeg",
 ]
 
@@ -106,7 +108,7 @@ def top_cells(coarse_weights, omega_rate):
     180 x 180 px), where its HR layer attends to an empty set; here at least one.
     """
     scores = coarse_weights.sum(1)  # b x n
-    k = max(1, scores.shape[1] // omega_rate)
+    k = torch.sym_max(1, scores.shape[1] // omega_rate)  # stays symbolic in an exported graph
     return scores.topk(k, dim=1).indices
 
 
@@ -130,18 +132,10 @@ def windows(fine, coarse_hw):
     return fine.view(b, c, h, r, w, r).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, r * r, c)
 
 
-@TRANSFORMER_DECODER_REGISTRY.register()
-class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder):
-    """FASeg's decoder on dense maps (``input_format = "maps"``; a token backbone gets
-    ``MultiScaleMaskedTransformerDecoderFASegPc``).
-
-    Four levels (res5, res4, res3 and the 1/4 map for the HR layers), the position encodings
-    from the pixel decoder, the layer schedule, DFPQ and HRCA of the module docstring.  Keys:
-    upstream's with ``level_embed`` of 4 rows, plus ``adapt_pos2d.{0,2}`` (g).  ``PRE_NORM`` works
-    (the original crashes with it).
-    """
-
-    num_feature_levels = 4
+class FASegDecoderMixin:
+    """What FASeg's grid and point-cloud decoders share, placed before the Mask2Former decoder
+    in the bases: the ``MODEL.MASK_FORMER.FASEG`` options, the layer schedule, DFPQ's MLP g
+    (``adapt_pos2d``) and the decoder layers with DFPQ and HRCA (``decode``)."""
 
     @configurable
     def __init__(
@@ -158,7 +152,7 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
     ):
         """
         Args:
-            in_channels, mask_classification, kwargs: as ``MultiScaleMaskedTransformerDecoder``.
+            in_channels, mask_classification, kwargs: as the Mask2Former decoder.
             omega_rate, attn_mask_threshold, init_pool_threshold, init_pool_complement, hr_every:
                 ``MODEL.MASK_FORMER.FASEG.*`` (see ``aff_seg/config.py``).
         """
@@ -169,11 +163,89 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
         self.init_pool_threshold = init_pool_threshold
         self.init_pool_complement = init_pool_complement
         self.schedule = layer_schedule(self.num_layers, hr_every)
+        if HR in self.schedule:
+            self.add_high_resolution_level(hidden_dim, kwargs["mask_dim"])
         self.adapt_pos2d = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
 
     @classmethod
     def from_config(cls, cfg, in_channels, mask_classification):
         return {**super().from_config(cfg, in_channels, mask_classification), **faseg_options(cfg)}
+
+    def add_high_resolution_level(self, hidden_dim, mask_dim):
+        """What the HR layers need beyond the Mask2Former decoder's modules (nothing here)."""
+
+    def decode(self, src, pos, predict, high_resolution):
+        """The decoder layers of the schedule, with DFPQ and HRCA.
+
+        Args:
+            src, pos: the res5, res4, res3 keys and their position encodings, ``n_l x b x c`` each.
+            predict: ``predict(output, level)`` -> class logits, mask logits and the mask
+                probabilities for the attention mask at ``level`` (None: not needed).
+            high_resolution: called once before the layers when the schedule has HR layers; returns
+                ``memory(coarse)`` -> an HR layer's memory and its encodings, ``m x b x c`` each, from the
+                last res5 layer's attention ``coarse`` ``b x Q x n_5``.
+        Returns:
+            dict with ``pred_logits``, ``pred_masks`` and ``aux_outputs`` (one such dict per
+            earlier prediction: 1 + the number of layers).
+        """
+        b = src[0].shape[1]
+        static_query = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, level_prob = predict(output, 0)
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+        attn_mask = self.attention_mask(level_prob)
+        query_pos = pooled_positional_queries(self.adapt_pos2d, static_query, level_prob, pos[0].transpose(0, 1),
+                                              self.init_pool_threshold, self.init_pool_complement)
+        high_resolution_memory = high_resolution() if HR in self.schedule else None
+        coarse = None
+        for i, level in enumerate(self.schedule):
+            layer = self.transformer_cross_attention_layers[i]
+            if level == HR:
+                memory, memory_pos = high_resolution_memory(coarse)
+                output = layer.attend(output, memory, None, memory_pos, static_query, need_weights=False)[0]
+            else:
+                # a query whose mask blocks every key attends to all of them
+                attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+                output, weights = layer.attend(output, src[level], attn_mask, pos[level], query_pos)
+                if level == 0:
+                    coarse = weights
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+
+            # the next layer's mask (an HR layer has none; the original computes it anyway)
+            following = self.schedule[i + 1] if i + 1 < self.num_layers else HR
+            outputs_class, outputs_mask, level_prob = predict(output, None if following == HR else following)
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+            if level_prob is not None:
+                attn_mask = self.attention_mask(level_prob)
+            if level != HR:
+                query_pos = positional_queries(self.adapt_pos2d, static_query, weights, pos[level].transpose(0, 1))
+
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": [
+                {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ],
+        }
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoderFASeg(FASegDecoderMixin, MultiScaleMaskedTransformerDecoder):
+    """FASeg's decoder on dense maps (``input_format = "maps"``; a token backbone gets
+    ``MultiScaleMaskedTransformerDecoderFASegPc``).
+
+    Four levels (res5, res4, res3 and the 1/4 map for the HR layers), the position encodings
+    from the pixel decoder, the layer schedule, DFPQ and HRCA of the module docstring.  Keys:
+    upstream's with ``level_embed`` of 4 rows, plus ``adapt_pos2d.{0,2}`` (g).  ``PRE_NORM`` works
+    (the original crashes with it).  Arguments: ``FASegDecoderMixin``'s.
+    """
+
+    num_feature_levels = 4
 
     def make_position_encoding(self, num_pos_feats):
         return None  # the encodings come from the pixel decoder
@@ -199,55 +271,20 @@ class MultiScaleMaskedTransformerDecoderFASeg(MultiScaleMaskedTransformerDecoder
             src.append((self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
             pos.append(pos_list[i].flatten(2).permute(2, 0, 1))
 
-        b = x[0].shape[0]
-        static_query = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+        def predict(output, level):
+            return self.forward_prediction_heads(output, mask_features, None if level is None else size_list[level])
 
-        predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(output, mask_features, size_list[0])
-        predictions_class.append(outputs_class)
-        predictions_mask.append(outputs_mask)
-        attn_mask = self.attention_mask(level_prob)
-        query_pos = pooled_positional_queries(self.adapt_pos2d, static_query, level_prob, pos[0].transpose(0, 1),
-                                              self.init_pool_threshold, self.init_pool_complement)
-        if HR in self.schedule:
+        def high_resolution():
             fine = self.input_proj[HR](x[HR]) + self.level_embed.weight[HR][None, :, None, None]
             hr_src = windows(fine, size_list[0])  # b x n_5 x r^2 x c
             hr_pos = windows(pos_list[HR], size_list[0])
 
-        coarse = None
-        for i, level in enumerate(self.schedule):
-            layer = self.transformer_cross_attention_layers[i]
-            if level == HR:
+            def memory(coarse):
                 top = top_cells(coarse, self.omega_rate)  # b x k
-                memory, memory_pos = (self._gather_windows(t, top) for t in (hr_src, hr_pos))
-                output = layer.attend(output, memory, None, memory_pos, static_query, need_weights=False)[0]
-            else:
-                attn_mask[attn_mask.all(-1)] = False  # a query blocked everywhere attends everywhere
-                output, weights = layer.attend(output, src[level], attn_mask, pos[level], query_pos)
-                if level == 0:
-                    coarse = weights
-            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
-            output = self.transformer_ffn_layers[i](output)
+                return self._gather_windows(hr_src, top), self._gather_windows(hr_pos, top)
+            return memory
 
-            # the next layer's mask (an HR layer has none; the original computes it anyway)
-            following = self.schedule[i + 1] if i + 1 < self.num_layers else HR
-            outputs_class, outputs_mask, level_prob = self.forward_prediction_heads(
-                output, mask_features, None if following == HR else size_list[following])
-            predictions_class.append(outputs_class)
-            predictions_mask.append(outputs_mask)
-            if level_prob is not None:
-                attn_mask = self.attention_mask(level_prob)
-            if level != HR:
-                query_pos = positional_queries(self.adapt_pos2d, static_query, weights, pos[level].transpose(0, 1))
-
-        return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
-            "aux_outputs": [
-                {"pred_logits": a, "pred_masks": m} for a, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
-        }
+        return self.decode(src, pos, predict, high_resolution)
 
     @staticmethod
     def _gather_windows(cells, top):

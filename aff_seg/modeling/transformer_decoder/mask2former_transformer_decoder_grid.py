@@ -58,7 +58,7 @@ class MultiScaleMaskedTransformerDecoder(MaskedTransformerDecoderBase):
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
-            attn_mask[attn_mask.all(-1)] = False  # a query blocked everywhere attends everywhere
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)  # a query blocked everywhere attends everywhere
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
