@@ -153,6 +153,10 @@ def add_maskformer2_config(cfg):
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.PRECISION = "bfloat16"
+    # aff_seg.Predictor (the demo) and tools/benchmark.py run the backbone and the segmentation
+    # head compiled by torch.compile (inductor; needs a C++ compiler); every new input size
+    # compiles again on its first call (minutes on a CPU)
+    cfg.TEST.COMPILE = False
 
     # Mask2Former
     cfg.MODEL.MASK_FORMER = CN()
@@ -251,6 +255,9 @@ def add_maskformer2_config(cfg):
     aff.ATTN_DROP_RATE = 0.0
     aff.DROP_PATH_RATE = 0.3
     aff.PATCH_NORM = True
+    # this project: the stem's BatchNorm, a detectron2 norm name: "BN" (the original's; statistics
+    # of each process's batch), "naiveSyncBN" (any device) or "SyncBN" (GPUs): of the global batch
+    aff.STEM_NORM = "BN"
     aff.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # pixel decoder's Shepard interpolation: weights ~ d^-SHEPARD_POWER
     aff.SHEPARD_POWER = 6.0

@@ -3,8 +3,9 @@
 ``Predictor(config, weights)`` is detectron2's ``DefaultPredictor`` for this project: it takes
 a config file (or a config), reads ``weights`` (local path or URL) through the project
 checkpointer, runs on the CPU when CUDA is unavailable and, with ``TEST.AMP.ENABLED``, under
-bf16/fp16 autocast.  Calling it on one BGR image returns detectron2's output dict
-(``sem_seg``, ``instances``, ``panoptic_seg``)::
+bf16/fp16 autocast (with ``TEST.COMPILE``, its backbone and head compiled by ``torch.compile``).
+Calling it on one BGR image returns detectron2's output dict (``sem_seg``, ``instances``,
+``panoptic_seg``)::
 
     predictor = Predictor("configs/ade20k/semantic-segmentation/aff/maskformer2_aff_tiny_bs32_80k.yaml",
                           "aff_tiny_ade20k.pth")
@@ -39,8 +40,8 @@ from .config import load_config
 from .evaluation import SlidingWindowInference
 from .solver import AMP_DTYPES
 
-__all__ = ["AutocastInference", "Predictor", "StageTokens", "VisualizationDemo", "as_float32", "draw_kept_tokens",
-           "inference_autocast"]
+__all__ = ["AutocastInference", "Predictor", "StageTokens", "VisualizationDemo", "as_float32", "compile_for_inference",
+           "draw_kept_tokens", "inference_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,18 @@ def as_float32(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(as_float32(value) for value in outputs)
     return outputs
+
+
+def compile_for_inference(model):
+    """Compile ``model.backbone`` and ``model.sem_seg_head`` in place with ``torch.compile``
+    (inductor), for inference (``TEST.COMPILE``); the pre- and post-processing stay eager and the
+    parameter names (checkpoints) do not change. Returns ``model``."""
+    parts = [getattr(model, name, None) for name in ("backbone", "sem_seg_head")]
+    if not all(isinstance(part, torch.nn.Module) for part in parts):
+        raise ValueError(f"TEST.COMPILE: {type(model).__name__} has no backbone and sem_seg_head to compile")
+    for part in parts:
+        part.compile()
+    return model
 
 
 class AutocastInference(torch.nn.Module):
@@ -154,6 +167,8 @@ class Predictor(DefaultPredictor):
         self.cfg = cfg
         if cfg.MODEL.WEIGHTS:
             AFFCheckpointer(self.model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
+        if cfg.TEST.COMPILE:
+            compile_for_inference(self.model)
         if cfg.TEST.SLIDING_WINDOW.ENABLED:
             self.model = SlidingWindowInference.from_config(cfg, self.model)
 

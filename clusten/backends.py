@@ -9,8 +9,10 @@ Backends:
 - ``cuda``: CUDA tensors must use the device kernels; where they cannot run, the op raises and
   says why.
 
-CPU tensors always use the PyTorch reference (the Triton kernels also run on CPU tensors under
-Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them). The setting is
+CPU tensors run the gather primitives as sparse-matrix products (:mod:`clusten.cpu`; the
+reference under ``torch``) and the fused attention as the PyTorch chain over them (the Triton
+kernels also run on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how
+CI tests them). The setting is
 process-wide: ``set_backend(name)``, or ``with backend(name): ...`` for a block; its default is
 read once, at import, from ``CLUSTEN_BACKEND``. ``can_run(name, device)`` tells whether a
 backend can run ops on a device, and why not (NATTEN's ``can_run`` pattern).

@@ -71,8 +71,9 @@ def knn(query, database, k, return_dist=False):
     the latter).
     """
     _check(query, database, k)
-    if torch.compiler.is_compiling():
-        # the grid search sizes its rounds on the host: not inside a captured graph
+    if torch.compiler.is_exporting():
+        # the grid search sizes its rounds on the host: not inside an exported graph (under
+        # torch.compile the op stays one opaque node that runs eagerly)
         return brute_force_knn(query, database, k, return_dist)
     idx, dist = _knn_op(query, database, k)
     return (idx, dist) if return_dist else idx

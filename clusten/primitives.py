@@ -5,7 +5,9 @@ opaque node), a fake implementation (shapes for tracing) and an autograd formula
 closed under differentiation - each primitive's gradients are again primitives - so double
 backward works too. Shapes and math are in :mod:`clusten.reference`.
 
-The op's own body is the PyTorch reference (CPU tensors and every other device); the CUDA
+The op's own body is the PyTorch reference (every device without a kernel of its own); CPU
+tensors run ``gather_dot``/``gather_sum`` as sparse-matrix products (:mod:`clusten.cpu`, the
+faster CPU path by measurement) unless the backend is ``torch``; the CUDA
 extension is registered for CUDA tensors with ``register_kernel("cuda", ...)`` and runs when the
 backend allows it (:func:`clusten.backends.cuda_extension`; otherwise the reference runs there
 too). Under ``torch.use_deterministic_algorithms(True)`` the CUDA ``scatter_sum`` replaces its
@@ -14,7 +16,7 @@ float atomics by a fixed-order segment sum over the neighbourhood index sorted b
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, cpu, reference
 
 
 def _contiguous(*tensors):
@@ -37,6 +39,20 @@ def gather_sum(w: Tensor, y: Tensor, idx: Tensor) -> Tensor:
 def scatter_sum(w: Tensor, x: Tensor, idx: Tensor, n_src: int) -> Tensor:
     """out[g,t,c] = sum_{idx[b,i,j]=t} sum_r w[g,i,j,r] * x[g,i,r,c]: ``g x n_src x c``."""
     return reference.scatter_sum(w, x, idx, n_src)
+
+
+@gather_dot.register_kernel("cpu")
+def _(x, y, idx):
+    if backends.get_backend() == "torch":
+        return reference.gather_dot(x, y, idx)
+    return cpu.gather_dot(x, y, idx)
+
+
+@gather_sum.register_kernel("cpu")
+def _(w, y, idx):
+    if backends.get_backend() == "torch":
+        return reference.gather_sum(w, y, idx)
+    return cpu.gather_sum(w, y, idx)
 
 
 @gather_dot.register_kernel("cuda")

@@ -10,12 +10,13 @@ Examples::
     python tools/benchmark.py --config-file CFG --original-execution   # fp32, unfused, brute-force KNN
     python tools/benchmark.py --config-file CFG --tasks inference --profile   # per-op breakdown
     python tools/benchmark.py --compare CFG_A CFG_A@original CFG_B --input-size 512 512 --repeats 3
+    python tools/benchmark.py --compare CFG CFG@compile --tasks inference   # eager vs torch.compile
 
 ``--compare`` times several contenders side by side: each repetition runs every contender
 once, in turn, each in a fresh process (so peak memory is the contender's own and a noisy
 moment of a shared machine spreads over all contenders); the table gives medians over the
 repetitions, their spread (min-max) and the ratio to the first contender. ``CFG@original``
-runs that config the original's way.
+runs that config the original's way, ``CFG@compile`` with ``--compile``.
 
 Inference: images/s, per-batch latency percentiles (p50, p90, p99) and peak memory, under
 ``torch.no_grad`` in eval mode.  Training: the time of one iteration (forward, backward,
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from analyze_model import build_loaded_model, fixed_size_inputs, setup_cfg  # noqa: E402
 from aff_seg.data.dataset_mappers import build_train_mapper  # noqa: E402
+from aff_seg.predictor import compile_for_inference  # noqa: E402
 import clusten  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
@@ -220,9 +222,13 @@ def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=
     height, width = input_size or tuple(cfg.INPUT.CROP.SIZE)
     torch.manual_seed(0)
     model = build_loaded_model(cfg)
+    if cfg.TEST.COMPILE:
+        if "train" in tasks:
+            raise ValueError("TEST.COMPILE (--compile) compiles the inference model: use --tasks inference")
+        compile_for_inference(model)  # compiled on the first warm-up iteration
     device = model.device
     result = {
-        "config": {"weights": cfg.MODEL.WEIGHTS, "amp": cfg.SOLVER.AMP.ENABLED},
+        "config": {"weights": cfg.MODEL.WEIGHTS, "amp": cfg.SOLVER.AMP.ENABLED, "compile": cfg.TEST.COMPILE},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "inputs": "dataset" if dataset_images else f"random {height}x{width}",
@@ -316,7 +322,8 @@ def compare(contenders, tasks, opts, input_size=None, batch_size=1, warmup=3, it
     """Interleaved repetitions of several contenders, each run in a fresh process.
 
     Args:
-        contenders: config files, each optionally suffixed ``@original`` (run the original's way).
+        contenders: config files, each optionally suffixed ``@original`` (run the original's way) or
+            ``@compile`` (``--compile``).
         opts: config overrides applied to every contender.
         repeats: repetitions; each runs every contender once, in the given order.
         threads: ``torch.set_num_threads`` in each run (None: torch's default).
@@ -327,8 +334,8 @@ def compare(contenders, tasks, opts, input_size=None, batch_size=1, warmup=3, it
     """
     for contender in contenders:
         config_file, _, way = contender.partition("@")
-        if way not in ("", "original"):
-            raise ValueError(f"--compare {contender!r}: the only suffix is '@original'")
+        if way not in ("", "original", "compile"):
+            raise ValueError(f"--compare {contender!r}: the suffixes are '@original' and '@compile'")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--compare: config file {config_file!r} does not exist")
     runs = {c: [] for c in contenders}
@@ -343,8 +350,8 @@ def compare(contenders, tasks, opts, input_size=None, batch_size=1, warmup=3, it
                     cmd += ["--input-size", *map(str, input_size)]
                 if threads:
                     cmd += ["--threads", str(threads)]
-                if way == "original":
-                    cmd.append("--original-execution")
+                if way:
+                    cmd.append("--original-execution" if way == "original" else "--compile")
                 logger.info(f"repetition {rep + 1}/{repeats}: {contender}")
                 done = subprocess.run(cmd + list(opts), capture_output=True, text=True)
                 if done.returncode:
@@ -390,7 +397,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--config-file", metavar="FILE")
-    target.add_argument("--compare", nargs="+", metavar="FILE[@original]",
+    target.add_argument("--compare", nargs="+", metavar="FILE[@original|@compile]",
                         help="time these configs side by side (interleaved repetitions, one process each)")
     parser.add_argument("--repeats", type=int, default=3, help="with --compare: repetitions of every contender")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -412,6 +419,10 @@ def get_parser():
         "--profile", action="store_true", help="also print the per-op time of one inference forward"
     )
     parser.add_argument(
+        "--compile", action="store_true",
+        help="TEST.COMPILE: backbone and head compiled by torch.compile (inductor); the warm-up compiles",
+    )
+    parser.add_argument(
         "--original-execution",
         action="store_true",
         help="run the model the original's way: fp32, unfused attention, brute-force KNN",
@@ -430,8 +441,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     opts = list(args.opts)
     if args.compare:
-        if args.profile or args.original_execution or args.dataset_images:
-            raise ValueError("--compare takes neither --profile, --original-execution (use CFG@original) "
+        if args.profile or args.original_execution or args.compile or args.dataset_images:
+            raise ValueError("--compare takes neither --profile, --original-execution (use CFG@original), "
+                             "--compile (use CFG@compile) "
                              "nor --dataset-images")
         result = compare(args.compare, args.tasks, opts, input_size=args.input_size, batch_size=args.batch_size,
                          warmup=args.warmup, iters=args.iters, repeats=args.repeats, threads=args.threads)
@@ -440,6 +452,8 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return result
+    if args.compile:
+        opts += ["TEST.COMPILE", "True"]
     if args.original_execution:
         opts += ORIGINAL_EXECUTION_OPTS
         clusten.set_knn_method("brute_force")

@@ -46,6 +46,9 @@ fi
 log "panopticapi-lite (no deps: it declares numpy<2 but works on numpy 2)"
 "${PIP[@]}" --no-deps "panopticapi-lite==0.2.0"
 
+log "lvis (no deps: it pins opencv-python, which would clash with opencv-python-headless; it imports cv2, matplotlib, numpy, pycocotools)"
+"${PIP[@]}" --no-deps "lvis==0.5.3"
+
 log "aff_seg + clusten (editable)"
 "${PIP[@]}" --no-build-isolation --no-deps -e "$ROOT"
 

@@ -1,18 +1,21 @@
 """The training data stream: an endless, seeded, resumable sequence of mapped batches.
 
 The stream is a pure function of (seed, position): sample ``p`` of the stream is image
-``perm_e[p mod N]`` (``e = p div N``, one seeded permutation per epoch) and is augmented under an
-RNG seeded by ``(seed, p)``.
+``perm_e[p mod N]`` (``e = p div N``, one seeded permutation per epoch), is augmented under an
+RNG seeded by ``(seed, p)``, and carries ``seed``, the seed of its own generator for the model's
+random draws (``aff_seg.modeling.image_rng``).  Iteration ``i`` trains on the global batch of
+positions ``i * IMS_PER_BATCH ...``, split in consecutive parts over the processes: the samples,
+their augmentation and their draws do not depend on the number of processes.
 
 Aspect-ratio grouping (``DATALOADER.ASPECT_RATIO_GROUPING``) groups as detectron2's
-``AspectRatioGroupedDataset`` does (a landscape and a portrait bucket per process; a batch is
-whichever bucket fills first), but decides it in the sampler, from each image's size before
-mapping, instead of buffering mapped samples.  The batches are then a pure function of (seed,
-iteration, rank) too: a resumed run replays the grouping (image sizes only, nothing is mapped)
-up to its first iteration and starts there, and no buffer has to be in the checkpoint.  This
-holds for any number of loader workers.  Together with ``IterationSeed``
-(``aff_seg.engine.hooks``) it makes a run killed at any iteration and restarted with
-``--resume`` end with the same weights as an uninterrupted one.
+``AspectRatioGroupedDataset`` does (a landscape and a portrait bucket; a batch is whichever
+bucket fills first), but over the global batch instead of each process's, and decided in the
+sampler, from each image's size before mapping, instead of buffering mapped samples.  The
+batches are then a pure function of (seed, iteration, rank) too: a resumed run replays the
+grouping (image sizes only, nothing is mapped) up to its first iteration and starts there, and
+no buffer has to be in the checkpoint.  This holds for any number of loader workers.  Together
+with ``IterationSeed`` (``aff_seg.engine.hooks``) it makes a run killed at any iteration and
+restarted with ``--resume`` end with the same weights as an uninterrupted one.
 """
 import contextlib
 import itertools
@@ -59,36 +62,40 @@ def _seeded_rngs(seed):
 
 
 class _StreamPositions(Sampler):
-    """Positions ``start + rank, start + rank + world, ...`` of an endless training stream."""
+    """This process's part (the ``rank``-th of ``world_size``) of the consecutive global batches
+    of ``total_batch`` positions of an endless training stream, from batch ``start_batch``."""
 
-    def __init__(self, start, rank, world_size):
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def __iter__(self):
-        position = self.start + self.rank
-        while True:
-            yield position
-            position += self.world_size
-
-
-class _GroupedStreamPositions(Sampler):
-    """This process's stream positions (``rank, rank + world, ...``) reordered into batches of
-    ``batch_size`` images of one orientation, as ``AspectRatioGroupedDataset`` forms them; the
-    first ``start_batch`` batches are skipped (replayed from the image sizes alone)."""
-
-    def __init__(self, stream, batch_size, start_batch, rank, world_size):
-        self.stream, self.batch_size, self.start_batch = stream, batch_size, start_batch
+    def __init__(self, total_batch, start_batch, rank, world_size):
+        self.total_batch, self.start_batch = total_batch, start_batch
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
+        part = self.total_batch // self.world_size
+        for batch in itertools.count(self.start_batch):
+            first = batch * self.total_batch + self.rank * part
+            yield from range(first, first + part)
+
+
+class _GroupedStreamPositions(Sampler):
+    """The stream positions reordered into global batches of ``total_batch`` images of one
+    orientation, as ``AspectRatioGroupedDataset`` forms them; this process's part of each (the
+    ``rank``-th of ``world_size``); the first ``start_batch`` batches are skipped (replayed from
+    the image sizes alone)."""
+
+    def __init__(self, stream, total_batch, start_batch, rank, world_size):
+        self.stream, self.total_batch, self.start_batch = stream, total_batch, start_batch
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        part = self.total_batch // self.world_size
         buckets = ([], [])  # landscape (width > height), other
         batches = 0
-        for position in itertools.count(self.rank, self.world_size):
+        for position in itertools.count():
             bucket = buckets[self.stream.orientation(position)]
             bucket.append(position)
-            if len(bucket) == self.batch_size:
+            if len(bucket) == self.total_batch:
                 if batches >= self.start_batch:
-                    yield from bucket
+                    yield from bucket[self.rank * part:(self.rank + 1) * part]
                 batches += 1
                 bucket.clear()
 
@@ -148,6 +155,7 @@ class _AugmentedStream(Dataset):
             mapped = self.mapper(record)
         if mapped is None:
             raise RuntimeError(f"the training mapper returned None for {record.get('file_name')}")
+        mapped["seed"] = mix_seed(self.seed, position, 4)  # the sample's generator in the model
         return mapped
 
 
@@ -180,10 +188,9 @@ def build_train_loader(cfg, start_iter=0, mapper=None, seed=None):
     if total_batch % world_size:
         raise ValueError(f"SOLVER.IMS_PER_BATCH={total_batch} is not divisible by the {world_size} processes")
     batch_size = total_batch // world_size
-    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        positions = _GroupedStreamPositions(stream, batch_size, start_iter, comm.get_rank(), world_size)
-    else:
-        positions = _StreamPositions(start_iter * total_batch, comm.get_rank(), world_size)
+    positions = (_GroupedStreamPositions(stream, total_batch, start_iter, comm.get_rank(), world_size)
+                 if cfg.DATALOADER.ASPECT_RATIO_GROUPING
+                 else _StreamPositions(total_batch, start_iter, comm.get_rank(), world_size))
     # detectron2's build_batch_data_loader, plus a generator of the loader's own: otherwise
     # starting the loader draws from the global torch RNG (the step's seeded RNG on a resume)
     loader = DataLoader(

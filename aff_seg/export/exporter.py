@@ -25,7 +25,7 @@ import clusten
 
 from . import runtime
 
-__all__ = ["InferenceGraph", "SemanticGraph", "check_exportable", "export_model", "FORMATS"]
+__all__ = ["InferenceGraph", "SemanticGraph", "check_exportable", "export_program", "save", "export_model", "FORMATS"]
 
 FORMATS = tuple(runtime.MODEL_FILES)
 MAX_SIDE = 2048  # the largest input side the graph is exported for
@@ -98,6 +98,21 @@ def _sort_as_topk(self, stable=None, dim=-1, descending=False):
     return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
 
 
+def _amax(self, dim=(), keepdim=False):
+    """ONNX translation of ``aten.amax``, including the reduction over all dimensions
+    (``dim=()``, from ``x.amax()``), which onnxscript's translation does not accept."""
+    from onnxscript import opset18 as op
+
+    if not dim:
+        return op.ReduceMax(self, keepdims=int(keepdim))
+    return op.ReduceMax(self, op.Constant(value_ints=list(dim)), keepdims=int(keepdim))
+
+
+def onnx_translations():
+    """The ``custom_translation_table`` of ``torch.onnx.export`` for the exported programs."""
+    return {torch.ops.aten.sort.stable: _sort_as_topk, torch.ops.aten.amax.default: _amax}
+
+
 def _valid_sizes(backbone, example_size, lo, hi, div):
     """For each input height ``lo..hi`` (step ``div``): the [min, max] width whose sizes take the
     example's branches (global or local attention per stage), or None."""
@@ -123,28 +138,25 @@ def _input_range(program, divisibility):
     return -(-lo // divisibility) * divisibility, min(s[1] for s in sides)
 
 
-def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_file=""):
-    """Export ``model`` (a MaskFormer or CheckedSemanticSegmentor in eval mode) to ``output_dir``.
+def export_program(model, cfg, example_size=(256, 256), config_file=""):
+    """Export ``model`` (a MaskFormer or CheckedSemanticSegmentor in eval mode) with ``torch.export``.
 
     Args:
-        model: the eager model; cfg: its config; fmt: "torch_export" or "onnx".
+        model: the eager model; cfg: its config.
         example_size: (H, W) of the example input, multiples of the size divisibility; the
             graph is exact at every size that takes the same branches as the example (AFF:
-            global or local attention per stage): model.json records the range and, for AFF,
+            global or local attention per stage): the settings record the range and, for AFF,
             per height the widths that do (``valid_widths``).
-        config_file: recorded in model.json.
+        config_file: recorded in the settings.
     Returns:
-        the path of the model file.
+        (the program with the clusten ops decomposed, the settings of ``model.json`` less the format)
     """
     check_exportable(cfg)
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     graph = (SemanticGraph if cfg.MODEL.META_ARCHITECTURE == "CheckedSemanticSegmentor" else InferenceGraph)(model)
     graph.eval()
     div = graph.size_divisibility
     if div <= 0 or example_size[0] % div or example_size[1] % div:
         raise ValueError(f"example size {example_size} must be a multiple of the size divisibility {div}")
-    os.makedirs(output_dir, exist_ok=True)
     example = torch.zeros(1, len(cfg.MODEL.PIXEL_MEAN), *example_size, device=model.device)
     # at least 2 cells of the size divisibility a side: a map of one row or column (stride 32)
     # would be specialised as a broadcast
@@ -154,18 +166,8 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
                                       strict=False)
         min_size, max_size = _input_range(program, div)
         program = program.run_decompositions(clusten.decompositions())
-    path = os.path.join(output_dir, runtime.MODEL_FILES[fmt])
-    if fmt == "torch_export":
-        torch.export.save(program, path)
-    else:
-        onnx_program = torch.onnx.export(
-            program, dynamo=True, input_names=["image"], output_names=list(graph.output_names),
-            custom_translation_table={torch.ops.aten.sort.stable: _sort_as_topk}, verbose=False,
-        )
-        onnx_program.save(path)
     settings = {
         "config": config_file,
-        "format": fmt,
         "input": {
             "format": cfg.INPUT.FORMAT,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
@@ -182,6 +184,34 @@ def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_fi
     }
     if hasattr(model.backbone, "global_attention"):  # AFF: the sizes that take the example's branches
         settings["input"]["valid_widths"] = _valid_sizes(model.backbone, example_size, min_size, max_size, div)
+    return program, settings
+
+
+def save(program, settings, output_dir, fmt):
+    """Write ``program`` as ``fmt`` ("torch_export": the program; "onnx": converted by the
+    dynamo-based ``torch.onnx.export``) and its ``model.json`` to ``output_dir``.
+    Returns the path of the model file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, runtime.MODEL_FILES[fmt])
+    if fmt == "torch_export":
+        torch.export.save(program, path)
+    else:
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, input_names=["image"], output_names=settings["outputs"],
+            custom_translation_table=onnx_translations(), verbose=False,
+        )
+        onnx_program.save(path)
     with open(os.path.join(output_dir, runtime.SETTINGS_FILE), "w") as f:
-        json.dump(settings, f, indent=2)
+        json.dump({**settings, "format": fmt}, f, indent=2)
     return path
+
+
+def export_model(model, cfg, output_dir, fmt, example_size=(256, 256), config_file=""):
+    """Export ``model`` as ``fmt`` to ``output_dir`` (``export_program``, then ``save``).
+    Returns the path of the model file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    program, settings = export_program(model, cfg, example_size, config_file)
+    return save(program, settings, output_dir, fmt)

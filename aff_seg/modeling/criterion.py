@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.projects.point_rend.point_features import (
-    get_uncertain_point_coords_with_randomness,
-    point_sample,
-)
+from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
+
+from .image_rng import image_rand
 
 __all__ = ["SetCriterion", "dice_loss", "sigmoid_ce_loss"]
 
@@ -31,6 +30,35 @@ def sigmoid_ce_loss(inputs, targets, num_masks):
 def calculate_uncertainty(logits):
     """Uncertainty of ``R x 1 x P`` mask logits: ``-|logit|`` (highest at the decision boundary)."""
     return -torch.abs(logits)
+
+
+def sample_training_points(mask_logits, masks_per_image, num_points, oversample_ratio, importance_sample_ratio):
+    """PointRend's training points (Kirillov et al. 2020; detectron2's
+    ``get_uncertain_point_coords_with_randomness``), the random coordinates of the masks of image i
+    drawn from image i's generator (``image_rand``), so that they do not depend on the batch.
+
+    Of ``num_points`` points per mask, ``importance_sample_ratio`` are the most uncertain of
+    ``oversample_ratio * num_points`` uniform candidates, the rest uniform.
+
+    Args:
+        mask_logits: ``N x 1 x h x w``, the masks of image 0, then image 1, ...
+        masks_per_image: the number of masks of each image (summing to N).
+    Returns:
+        ``N x num_points x 2`` coordinates in [0, 1].
+    """
+    device = mask_logits.device
+
+    def uniform(count):  # N x count x 2, image by image
+        return torch.cat([image_rand(i, n, count, 2, device=device) for i, n in enumerate(masks_per_image)])
+
+    candidates = uniform(int(num_points * oversample_ratio))
+    uncertainty = calculate_uncertainty(point_sample(mask_logits, candidates, align_corners=False))[:, 0]
+    num_uncertain = int(importance_sample_ratio * num_points)
+    chosen = uncertainty.topk(num_uncertain, dim=1).indices  # N x num_uncertain
+    coords = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+    if num_uncertain < num_points:
+        coords = torch.cat([coords, uniform(num_points - num_uncertain)], dim=1)
+    return coords
 
 
 class SetCriterion(nn.Module):
@@ -62,12 +90,16 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
 
-    def loss_labels(self, outputs, targets, indices, num_masks):
+    def loss_labels(self, outputs, targets, indices, weight_share):
+        """Weighted cross-entropy mean over all queries of the batch; ``weight_share`` (this
+        process's share of the whole job's weight, times the number of processes; 1 alone)
+        turns the mean over this process's queries into that job-wide mean once DDP averages."""
         logits = outputs["pred_logits"].float()  # b x Q x (K+1)
         batch_idx, src_idx = self._src_permutation_idx(indices)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_ce": loss * weight_share}
 
     def loss_masks(self, outputs, targets, indices, num_masks):
         batch_idx, src_idx = self._src_permutation_idx(indices)
@@ -78,8 +110,8 @@ class SetCriterion(nn.Module):
         target_masks = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)])
         target_masks = target_masks.to(src_masks)[:, None]  # N x 1 x H x W
         with torch.no_grad():
-            coords = get_uncertain_point_coords_with_randomness(
-                src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio,
+            coords = sample_training_points(
+                src_masks, [len(src) for src, _ in indices], self.num_points, self.oversample_ratio,
                 self.importance_sample_ratio)
             point_labels = point_sample(target_masks, coords, align_corners=False).squeeze(1)
         point_logits = point_sample(src_masks, coords, align_corners=False).squeeze(1)
@@ -121,24 +153,32 @@ class SetCriterion(nn.Module):
             same with suffix ``_{i}`` for auxiliary output i.
         """
         self._check_targets(outputs, targets)
-        num_masks = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
-                                    device=outputs["pred_logits"].device)
+        # the normalisers of the whole job (all processes), so that the gradient DDP averages is
+        # the one of a single process with the whole batch: the number of masks, and the summed
+        # cross-entropy weight of the queries (each image's min(Q, T) matched ones weigh 1, the
+        # others eos_coef)
+        b, q = outputs["pred_logits"].shape[:2]
+        matched = sum(min(q, len(t["labels"])) for t in targets)
+        local = torch.as_tensor([float(sum(len(t["labels"]) for t in targets)),
+                                 matched + (b * q - matched) * self.eos_coef], device=outputs["pred_logits"].device)
+        totals = local.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_masks)
-        num_masks = torch.clamp(num_masks / get_world_size(), min=1).item()
+            torch.distributed.all_reduce(totals)
+        totals = totals / get_world_size()
+        normalisers = {"masks": torch.clamp(totals[0], min=1).item(), "labels": (local[1] / totals[1]).item()}
 
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
-            losses = self._losses(outputs, targets, num_masks, suffix="")
+            losses = self._losses(outputs, targets, normalisers, suffix="")
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update(self._losses(aux, targets, num_masks, suffix=f"_{i}"))
+                losses.update(self._losses(aux, targets, normalisers, suffix=f"_{i}"))
         return losses
 
-    def _losses(self, outputs, targets, num_masks, suffix):
+    def _losses(self, outputs, targets, normalisers, suffix):
         indices = self.matcher(outputs, targets)
         losses = {}
         for name in self.losses:
             fn = self.loss_labels if name == "labels" else self.loss_masks
-            losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_masks).items()})
+            losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, normalisers[name]).items()})
         return losses
 
     def extra_repr(self):

@@ -5,6 +5,8 @@ from scipy.optimize import linear_sum_assignment
 
 from detectron2.projects.point_rend.point_features import point_sample
 
+from .image_rng import image_rand
+
 __all__ = ["HungarianMatcher", "batch_dice_loss", "batch_sigmoid_ce_loss"]
 
 
@@ -28,7 +30,8 @@ def batch_sigmoid_ce_loss(inputs, targets):
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
     ``cost_class * (-p(class)) + cost_mask * BCE + cost_dice * dice`` on ``num_points`` random
-    points shared by all masks of an image (scipy's ``linear_sum_assignment``)."""
+    points shared by all masks of an image (drawn from the image's generator, ``image_rand``;
+    scipy's ``linear_sum_assignment``)."""
 
     def __init__(self, cost_class=1.0, cost_mask=1.0, cost_dice=1.0, num_points=0):
         super().__init__()
@@ -62,7 +65,7 @@ class HungarianMatcher(nn.Module):
 
             out_mask = outputs["pred_masks"][b][:, None].float()  # Q x 1 x h x w
             tgt_mask = target["masks"][:, None].to(out_mask)  # T x 1 x H x W
-            coords = torch.rand(1, self.num_points, 2, device=out_mask.device)
+            coords = image_rand(b, 1, self.num_points, 2, device=out_mask.device)
             tgt_pts = point_sample(tgt_mask, coords.repeat(tgt_mask.shape[0], 1, 1), align_corners=False).squeeze(1)
             out_pts = point_sample(out_mask, coords.repeat(out_mask.shape[0], 1, 1), align_corners=False).squeeze(1)
             with torch.autocast(device_type=out_pts.device.type, enabled=False):

@@ -8,7 +8,8 @@ part of the model does with positions:
   relative-position bias and the PointConv weights are linear functions of;
 * ``PointConv``: PointConv merging (backbone adaptive downsampling, pixel-decoder layer_1);
 * ``shepard_weights`` / ``shepard_interpolate``: inverse-distance (Shepard) interpolation;
-* ``points_to_canvas``: scatter token values onto the dense stride-4 canvas.
+* ``points_to_canvas``: scatter token values onto the dense stride-4 canvas;
+* ``over_token_chunks``: token-wise work a chunk of tokens at a time in inference (bounded memory).
 """
 import contextlib
 
@@ -27,6 +28,8 @@ __all__ = [
     "gather_points",
     "autocast_off",
     "grid_positions",
+    "inference_chunks",
+    "over_token_chunks",
 ]
 
 def grid_positions(h, w, batch, device):
@@ -40,9 +43,42 @@ def grid_positions(h, w, batch, device):
 
 
 SHEPARD_EPS = 1e-11
-# without autograd, PointConv merges at most this many output tokens at a time: its
-# ``n x inner_ch x c`` intermediate (4 GB for the pixel decoder at 4096 x 4096) stays bounded
-POINTCONV_CHUNK = 1 << 16
+# without autograd, token-wise work runs on at most this many tokens at a time, so that its
+# temporaries stay bounded for large images (4096 x 4096: a million stride-4 tokens; e.g. the
+# ``n x inner_ch x c`` PointConv intermediate of the pixel decoder would be 4 GB)
+INFERENCE_CHUNK = 1 << 16
+
+
+def inference_chunks(n):
+    """Slices covering ``range(n)``: chunks of ``INFERENCE_CHUNK`` tokens when autograd is off and
+    ``n`` is a plain int above it; otherwise one slice (training, and the symbolic sizes of
+    ``torch.export``, whose graph then holds no size-dependent loop)."""
+    if torch.is_grad_enabled() or not isinstance(n, int) or n <= INFERENCE_CHUNK:
+        return [slice(0, n)]
+    return [slice(s, min(s + INFERENCE_CHUNK, n)) for s in range(0, n, INFERENCE_CHUNK)]
+
+
+def over_token_chunks(fn, n, *tensors):
+    """``fn(*tensors)`` for a function that works token by token along dim 1, run on the
+    ``inference_chunks(n)`` of the tokens and written into one output.
+
+    Args:
+        fn: takes the tensors (``b x n x ...`` each, or None, passed through) and returns a
+            ``b x n x ...`` tensor whose row i depends on the tensors' rows i only.
+        n: the number of tokens (dim 1 of every tensor and of the output).
+    Returns:
+        ``fn``'s output; equal to ``fn(*tensors)`` (the same row-wise arithmetic).
+    """
+    chunks = inference_chunks(n)
+    if len(chunks) == 1:
+        return fn(*tensors)
+    out = None
+    for part in chunks:
+        result = fn(*(None if t is None else t[:, part] for t in tensors))
+        if out is None:
+            out = result.new_empty(result.shape[0], n, *result.shape[2:])
+        out[:, part] = result
+    return out
 
 
 def relative_position_features(offset):
@@ -96,14 +132,8 @@ class PointConv(nn.Module):
         Returns:
             ``b x n x out_dim``.
         """
-        n = nbhd_idx.shape[1]
-        if torch.is_grad_enabled() or not isinstance(n, int) or n <= POINTCONV_CHUNK:  # (symbolic n: export)
-            return self._merge(feat, nbhd_idx, offset, modulation)
-        return torch.cat([
-            self._merge(feat, nbhd_idx[:, s:s + POINTCONV_CHUNK], offset[:, s:s + POINTCONV_CHUNK],
-                        None if modulation is None else modulation[:, s:s + POINTCONV_CHUNK])
-            for s in range(0, n, POINTCONV_CHUNK)
-        ], dim=1)
+        return over_token_chunks(lambda *rows: self._merge(feat, *rows), nbhd_idx.shape[1], nbhd_idx, offset,
+                                 modulation)
 
     def _merge(self, feat, nbhd_idx, offset, modulation):
         weights = self.weight_net(relative_position_features(offset).to(self.weight_net[0].weight.dtype))
@@ -175,13 +205,14 @@ def points_to_canvas(values, pos, h, w):
         values: ``b x n x c``; pos: ``b x n x 2`` integer (x, y) positions, all inside
             ``[0, w) x [0, h)``; for the res2 tokens (all h*w grid points) every pixel is set.
     Returns:
-        ``b x c x h x w``; pixels without a token are 0.
+        ``b x c x h x w``, contiguous (a channels-last canvas would make the later resize and
+        class-weighted sum copy it with a transpose); pixels without a token are 0.
     """
     b, n, c = values.shape
     flat = (pos[..., 1].long() * w + pos[..., 0].long()).clamp_(0, h * w - 1)  # b x n
-    canvas = values.new_zeros(b, h * w, c)
-    canvas.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, c), values)
-    return canvas.transpose(1, 2).reshape(b, c, h, w)
+    canvas = values.new_zeros(b, c, h * w)
+    canvas.scatter_(2, flat.unsqueeze(1).expand(-1, c, -1), values.transpose(1, 2))
+    return canvas.view(b, c, h, w)
 
 
 def autocast_off(device_type):

@@ -62,3 +62,24 @@ def test_a_loader_started_at_any_iteration_continues_the_stream(dataset, start_i
 
 def test_loader_workers_do_not_change_the_batches(dataset):
     assert _batches(dataset, 3, 4, workers=2) == _batches(dataset, 3, 4)
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_processes_split_the_global_batch_without_changing_it(dataset, monkeypatch, grouping):
+    """Two processes with 2 images each get, per iteration, the two halves of the batch of 4 of
+    one process: the same images, augmentation draws and model seeds (``seed``)."""
+    from detectron2.utils import comm
+
+    def batches(world_size, rank, start_iter):
+        monkeypatch.setattr(comm, "get_world_size", lambda: world_size)
+        monkeypatch.setattr(comm, "get_rank", lambda: rank)
+        cfg = load_config(None, ["DATASETS.TRAIN", f"('{NAME}',)", "SOLVER.IMS_PER_BATCH", "4", "SEED", "7",
+                                 "DATALOADER.NUM_WORKERS", "0", "DATALOADER.ASPECT_RATIO_GROUPING", str(grouping)])
+        loader = iter(build_train_loader(cfg, start_iter=start_iter, mapper=_mapper))
+        return [[(d["index"], d["draw"], d["seed"]) for d in next(loader)] for _ in range(6)]
+
+    for start_iter in (0, 3):
+        one = batches(1, 0, start_iter)
+        halves = [batches(2, rank, start_iter) for rank in (0, 1)]
+        assert [first + second for first, second in zip(*halves)] == one
+        assert len({seed for batch in one for _, _, seed in batch}) == 4 * 6  # a seed per sample

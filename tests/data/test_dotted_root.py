@@ -9,13 +9,13 @@ from aff_seg.data.datasets import datasets_root, register_standard_datasets
 from aff_seg.data.synthetic import evaluate_ground_truth, make_synthetic_datasets
 
 # ADE20K; COCO instance, panoptic and semantic (panoptic_with_sem_seg); Cityscapes semantic,
-# instance and panoptic
+# instance and panoptic; LVIS v1
 NAMES = [
     f"{name}_{split}" if not name.startswith("coco") else name.format(split)
     for split in ("train", "val")
     for name in ("ade20k_sem_seg", "coco_2017_{}", "coco_2017_{}_panoptic",
                  "coco_2017_{}_panoptic_with_sem_seg", "cityscapes_fine_sem_seg",
-                 "cityscapes_fine_instance_seg", "cityscapes_fine_panoptic")
+                 "cityscapes_fine_instance_seg", "cityscapes_fine_panoptic", "lvis_v1")
 ]
 FILE_KEYS = ("file_name", "sem_seg_file_name", "pan_seg_file_name")
 
@@ -41,5 +41,5 @@ def test_loads_with_existing_files(dotted_root, name):
 
 def test_ground_truth_evaluates_to_100(dotted_root):
     results = evaluate_ground_truth(dotted_root, verbose=False)
-    assert "cityscapes_fine_panoptic_val PQ" in results
+    assert "cityscapes_fine_panoptic_val PQ" in results and "lvis_v1_val segm AP" in results
     assert all(value == pytest.approx(100.0) for value in results.values()), results

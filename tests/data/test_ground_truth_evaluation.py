@@ -15,6 +15,8 @@ def test_ground_truth_scores_100(registered_root, capsys):
         "coco_2017_val_panoptic_with_sem_seg mIoU",
         "cityscapes_fine_sem_seg_val mIoU",
         "cityscapes_fine_panoptic_val PQ",
+        "lvis_v1_val bbox AP",
+        "lvis_v1_val segm AP",
     }
     for key, value in results.items():
         assert value == pytest.approx(100.0), key

@@ -79,6 +79,26 @@ def test_coco_instances_agree_with_panoptic(registered_root):
             assert best > 0.9
 
 
+def test_lvis_annotates_the_coco_images(synthetic_args, registered_root):
+    """LVIS v1's json over COCO's images: the same files (found through ``coco_url``) and things,
+    with LVIS' category ids (contiguous in detectron2: id - 1) and verified-absent categories."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    lvis_index = {c["name"]: c["id"] - 1 for c in LVIS_CATEGORIES}
+    coco_to_lvis = {COCO_INDEX[names[1]]: lvis_index[names[3]] for names in CATEGORIES.values() if names[3]}
+    for split in ("val",):  # train is written by the same code
+        coco = {r["image_id"]: r for r in DatasetCatalog.get(f"coco_2017_{split}")}
+        records = DatasetCatalog.get(f"lvis_v1_{split}")
+        assert len(records) == synthetic_args[f"num_{split}"]
+        for record in records:
+            twin = coco[record["image_id"]]
+            assert record["file_name"] == twin["file_name"] and f"{split}2017" in record["file_name"]
+            present = sorted(a["category_id"] for a in record["annotations"])
+            assert present == sorted(coco_to_lvis[a["category_id"]] for a in twin["annotations"])
+            assert not set(record["neg_category_ids"]) & {c + 1 for c in present}
+            assert set(record["neg_category_ids"]) | {c + 1 for c in present} == {c + 1 for c in coco_to_lvis.values()}
+
+
 def test_coco_panoptic_loads_through_datasetcatalog(synthetic_args, registered_root):
     from panopticapi.utils import rgb2id
 

@@ -73,20 +73,21 @@ _GROUND_TRUTH_CHECKS = (
     ("coco", "coco_2017_val_panoptic_with_sem_seg", "sem_seg", "mIoU"),
     ("cityscapes", "cityscapes_fine_sem_seg_val", "sem_seg", "mIoU"),
     ("cityscapes", "cityscapes_fine_panoptic_val", "panoptic_seg", "PQ"),
+    ("lvis", "lvis_v1_val", "instances", "AP"),
 )
 
 
 def evaluate_ground_truth(root, datasets=tuple(DATASETS), verbose=True):
     """Score each dataset's val ground truth, given as the prediction, with detectron2's
     evaluators (``SemSegEvaluator``, ``COCOEvaluator(use_fast_impl=False)``,
-    ``COCOPanopticEvaluator``).  Every number is 100 when the files are consistent.
+    ``COCOPanopticEvaluator``, ``LVISEvaluator``).  Every number is 100 when the files are consistent.
 
     Points the standard dataset names at ``root`` first (``register_standard_datasets``).
 
     Returns:
         dict: ``{"<dataset name> <metric>": value}``, e.g. ``"coco_2017_val segm AP"``.
     """
-    from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
+    from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, LVISEvaluator, SemSegEvaluator
 
     from ..datasets import register_standard_datasets
 
@@ -97,6 +98,8 @@ def evaluate_ground_truth(root, datasets=tuple(DATASETS), verbose=True):
             continue
         if task == "sem_seg":
             evaluator = SemSegEvaluator(name, distributed=False)
+        elif dataset == "lvis":
+            evaluator = LVISEvaluator(name, tasks=("bbox", "segm"), distributed=False)
         elif task == "instances":
             evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False,
                                       use_fast_impl=False)

@@ -14,7 +14,8 @@ __all__ = ["CATEGORIES", "DATASETS", "KINDS", "VOID", "Kind", "Scene", "make_sce
            "synthetic_sample"]
 
 #: the datasets ``make_synthetic_datasets`` can write, and the folder each one owns under root
-DATASETS = {"ade20k": "ADEChallengeData2016", "coco": "coco", "cityscapes": "cityscapes"}
+# dataset -> its folder; LVIS annotates COCO's images (written with "coco")
+DATASETS = {"ade20k": "ADEChallengeData2016", "coco": "coco", "cityscapes": "cityscapes", "lvis": "lvis"}
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,20 @@ _THINGS = [i for i, k in enumerate(KINDS) if k.is_thing]
 VOID = -1
 
 #: kind -> category name in each dataset's vocabulary, spelled as detectron2's
-#: ADE20K_SEM_SEG_CATEGORIES / COCO_CATEGORIES and cityscapesscripts' labels spell it
+#: ADE20K_SEM_SEG_CATEGORIES / COCO_CATEGORIES / LVIS v1 categories and cityscapesscripts'
+#: labels spell it (LVIS has things only)
 CATEGORIES = {
-    # kind        ADE20K              COCO                  Cityscapes
-    "wall": ("wall", "wall-other-merged", "building"),
-    "sky": ("sky", "sky-other-merged", "sky"),
-    "grass": ("grass", "grass-merged", "vegetation"),
-    "road": ("road, route", "road", "road"),
-    "disc": ("ball", "sports ball", "person"),
-    "square": ("box", "suitcase", "car"),
-    "triangle": ("signboard, sign", "kite", "rider"),
-    "star": ("flower", "potted plant", "bicycle"),
-    "hexagon": ("clock", "clock", "bus"),
-    "bar": ("pole", "baseball bat", "truck"),
+    # kind        ADE20K              COCO                  Cityscapes    LVIS
+    "wall": ("wall", "wall-other-merged", "building", None),
+    "sky": ("sky", "sky-other-merged", "sky", None),
+    "grass": ("grass", "grass-merged", "vegetation", None),
+    "road": ("road, route", "road", "road", None),
+    "disc": ("ball", "sports ball", "person", "ball"),
+    "square": ("box", "suitcase", "car", "suitcase"),
+    "triangle": ("signboard, sign", "kite", "rider", "kite"),
+    "star": ("flower", "potted plant", "bicycle", "flowerpot"),
+    "hexagon": ("clock", "clock", "bus", "clock"),
+    "bar": ("pole", "baseball bat", "truck", "baseball_bat"),
 }
 
 

@@ -6,6 +6,7 @@ import shutil
 from .ade20k import write_ade20k
 from .cityscapes import write_cityscapes
 from .coco import write_coco
+from .lvis import write_lvis
 from .files import FORMAT_VERSION, write_json
 from .scene import DATASETS, synthetic_sample
 
@@ -32,7 +33,8 @@ def make_synthetic_datasets(root, datasets=tuple(DATASETS), num_train=24, num_va
 
     Args:
         root (str): folder to write into (created if missing).
-        datasets (iterable[str]): any of ``"ade20k"``, ``"coco"``, ``"cityscapes"``.
+        datasets (iterable[str]): any of ``"ade20k"``, ``"coco"``, ``"cityscapes"``, ``"lvis"``
+            (LVIS v1's json files over COCO's images: it writes ``"coco"`` too).
         num_train, num_val (int): images per split (``num_val`` may be 0: no val split).
         seed (int): the same seed writes the same bytes.
         min_side, max_side (int): ADE20K and COCO image sides are drawn from this range
@@ -46,6 +48,8 @@ def make_synthetic_datasets(root, datasets=tuple(DATASETS), num_train=24, num_va
     unknown = sorted(set(datasets) - set(DATASETS))
     if unknown:
         raise ValueError(f"datasets: unknown {unknown}; choose from {sorted(DATASETS)}")
+    if "lvis" in datasets and "coco" not in datasets:
+        datasets.append("coco")  # the images of LVIS
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
     if not 16 <= min_side <= max_side:
@@ -69,8 +73,9 @@ def make_synthetic_datasets(root, datasets=tuple(DATASETS), num_train=24, num_va
             shutil.rmtree(folder)
         os.makedirs(folder)
         write_json(dict(params, complete=False), os.path.join(folder, _MARKER))
+        scenes_of = "coco" if dataset == "lvis" else dataset  # LVIS annotates COCO's images
         samples = {
-            split: [synthetic_sample(seed, dataset, split, i, min_side, max_side,
+            split: [synthetic_sample(seed, scenes_of, split, i, min_side, max_side,
                                      tuple(cityscapes_size)) for i in range(n)]
             for split, n in counts.items() if n > 0
         }
@@ -78,6 +83,8 @@ def make_synthetic_datasets(root, datasets=tuple(DATASETS), num_train=24, num_va
             write_ade20k(folder, samples)
         elif dataset == "coco":
             write_coco(folder, samples, {"train": 0, "val": num_train})
+        elif dataset == "lvis":
+            write_lvis(folder, samples, {"train": 0, "val": num_train})
         else:
             write_cityscapes(folder, samples)
         write_json(dict(params, complete=True), os.path.join(folder, _MARKER))

@@ -15,8 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from detectron2.layers import get_norm
 
-from ..point_utils import gather_points, grid_positions, relative_position_features
+from ..point_utils import gather_points, grid_positions, over_token_chunks, relative_position_features
 from .attention import ClusterTransformerBlock
 from .clustering import cluster_neighbourhoods, space_filling_cluster
 from .merging import ClusterMerging, merge_count, reserve_count
@@ -46,13 +47,15 @@ for _name in ("mini", "tiny", "small"):
 class PatchEmbed(nn.Module):
     """Stem: pad to a multiple of 4, conv3x3/2 -> BN -> GELU -> conv3x3/2, flatten, LayerNorm.
 
+    ``norm``: the BatchNorm, a detectron2 ``get_norm`` name ("BN" as the original: statistics of
+    each process's batch; "naiveSyncBN" or, on GPUs, "SyncBN": of the whole batch of all processes).
     Returns positions ``(i mod w, i div w)`` (float32) of the row-major stride-4 grid.
     """
 
-    def __init__(self, in_chans=3, embed_dim=32, patch_norm=True):
+    def __init__(self, in_chans=3, embed_dim=32, patch_norm=True, norm="BN"):
         super().__init__()
         self.proj1 = nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(embed_dim // 2)
+        self.bn = get_norm(norm, embed_dim // 2)
         self.act1 = nn.GELU()
         self.proj2 = nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
@@ -129,8 +132,10 @@ class AFFStage(nn.Module):
         else:
             order, pos, cluster_mean = space_filling_cluster(pos, m, h, w)
         nbhd_idx, nbhd_valid = cluster_neighbourhoods(pos, cluster_mean, m, num_clusters)
-        offset = gather_points(pos, nbhd_idx) - pos.unsqueeze(2)
-        return order, nbhd_idx, nbhd_valid, relative_position_features(offset)
+        rel_features = over_token_chunks(
+            lambda query, idx: relative_position_features(gather_points(pos, idx) - query.unsqueeze(2)),
+            n, pos, nbhd_idx)
+        return order, nbhd_idx, nbhd_valid, rel_features
 
     def forward(self, pos, feat, h, w, stride, on_grid=False):
         """
@@ -174,7 +179,8 @@ class AFF(nn.Module):
             (``MODEL.AFF.*`` keys of the original repository's configs).
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth
             (rising linearly from 0 over all blocks).
-        patch_norm: LayerNorm after the stem. out_indices: stages whose output is returned.
+        patch_norm: LayerNorm after the stem. stem_norm: the stem's BatchNorm (``PatchEmbed``).
+        out_indices: stages whose output is returned.
         fused_attention: run local attention through ``clusten.cluster_attention`` (same
             result as the unfused reference chain; not with attention dropout).
     Forward: ``x`` b x in_chans x H x W (H, W >= 32) -> dict with, for each output stage i,
@@ -185,7 +191,7 @@ class AFF(nn.Module):
     def __init__(self, in_chans=3, embed_dim=(32, 128, 256, 384), cluster_size=8, nbhd_size=(48, 48, 48, 48),
                  alpha=4.0, ds_rate=0.25, reserve_on=True, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
                  mlp_ratio=2.0, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, patch_norm=True,
-                 layer_scale=0.0, out_indices=(0, 1, 2, 3), fused_attention=False):
+                 stem_norm="BN", layer_scale=0.0, out_indices=(0, 1, 2, 3), fused_attention=False):
         super().__init__()
         num_stages = len(depths)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("nbhd_size", nbhd_size)):
@@ -206,7 +212,7 @@ class AFF(nn.Module):
         self.num_features = list(embed_dim)
         self.out_indices = tuple(out_indices)
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim[0], patch_norm=patch_norm)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim[0], patch_norm=patch_norm, norm=stem_norm)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.layers = nn.ModuleList()

@@ -40,6 +40,7 @@ class AutoFocusFormer(AFF, StagesBackbone):
             attn_drop_rate=aff.ATTN_DROP_RATE,
             drop_path_rate=aff.DROP_PATH_RATE,
             patch_norm=aff.PATCH_NORM,
+            stem_norm=aff.STEM_NORM,
             out_features=list(aff.OUT_FEATURES),
             fused_attention=aff.FUSED_ATTENTION,
         )

@@ -16,6 +16,7 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from ...data.dataset_mappers import label_classes
 from ...export.runtime import instance_inference, panoptic_inference, postprocess, semantic_inference
 from ..criterion import SetCriterion
+from ..image_rng import image_generators
 from ..matcher import HungarianMatcher
 from .validation import check_batched_inputs, check_model_config
 
@@ -192,16 +193,18 @@ class MaskFormer(nn.Module):
             (``pred_masks``, ``scores``, ``pred_classes``, ``pred_boxes``) at ``height x width``.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        outputs = self.sem_seg_head(features)
-
+        # training inputs carry a seed each (aff_seg.data.build): drop path and the sampled points
+        # of an image draw from its own generator
+        with image_generators(batched_inputs):
+            outputs = self.sem_seg_head(self.backbone(images.tensor))
+            if self.training:
+                if any("instances" not in x for x in batched_inputs):
+                    raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
+                targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+                for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
+                    target["file_name"] = x.get("file_name")
+                losses = self.criterion(outputs, targets)
         if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
-            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
-            for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
-                target["file_name"] = x.get("file_name")
-            losses = self.criterion(outputs, targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
         if self.semantic_labels_only:

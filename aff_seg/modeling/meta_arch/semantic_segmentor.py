@@ -1,6 +1,7 @@
 """detectron2's ``SemanticSegmentor`` with the project's input checks at its entry."""
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 
+from ..image_rng import image_generators
 from .validation import check_batched_inputs
 
 __all__ = ["CheckedSemanticSegmentor"]
@@ -14,4 +15,5 @@ class CheckedSemanticSegmentor(SemanticSegmentor):
 
     def forward(self, batched_inputs):
         check_batched_inputs(batched_inputs, self.pixel_mean.shape[0], type(self).__name__)
-        return super().forward(batched_inputs)
+        with image_generators(batched_inputs):  # training inputs' seeds: per-image drop path
+            return super().forward(batched_inputs)

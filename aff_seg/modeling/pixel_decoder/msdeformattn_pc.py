@@ -31,6 +31,7 @@ from ..point_utils import (
     autocast_off,
     gather_points,
     grid_positions,
+    over_token_chunks,
     shepard_interpolate,
     shepard_neighbours,
     shepard_weights,
@@ -110,6 +111,43 @@ class MSDeformAttnPc(MSDeformAttn):
             weights = F.pad(weights, (0, missing))
         return idx, weights
 
+    def _attend(self, query, pos, value, poss, counts, nb_idx, grid_hw):
+        """The attention of some queries (of any levels) over all levels.
+
+        Args:
+            query: ``b x q x c`` (features + position encoding); pos: ``b x q x 2`` their positions.
+            value: ``(b*heads) x n x c'`` the projected values of all levels' tokens (geometry dtype).
+            poss, counts, nb_idx, grid_hw: every level's positions, token counts, pixel lookups
+                and the stride-4 grid size (see ``forward``).
+        Returns:
+            ``b x q x c`` after ``output_proj``.
+        """
+        b, q, c = query.shape
+        nh, nl, nk = self.n_heads, self.n_levels, self.n_points
+        geo = value.dtype
+        with autocast_off(query.device.type):
+            query = query.to(geo)
+            offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
+            offsets = offsets.view(b, q, nh, nl, nk, 2)
+            logits = F.linear(query, self.attention_weights.weight.to(geo), self.attention_weights.bias.to(geo))
+            attn = logits.view(b, q, nh, nl * nk).softmax(-1).view(b, q, nh, nl, nk)
+            loc = pos.to(geo)[:, :, None, None, None, :] + offsets  # b x q x heads x levels x points x 2
+            level_idx, level_weights = [], []
+            start = 0
+            for lvl in range(nl):
+                # b x q x heads x points x 2 -> b x (heads*q*points) x 2, ordered (head, query, point)
+                lvl_loc = loc[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b, nh * q * nk, 2)
+                idx, weights = self._sampling_neighbours(lvl_loc, poss[lvl], nb_idx[lvl], grid_hw, self.shepard_power)
+                level_idx.append((idx + start).view(b * nh, q, nk, SAMPLING_K))
+                level_weights.append(weights.view(b * nh, q, nk, SAMPLING_K))
+                start += counts[lvl]
+            # sample index m = point * levels + level (the original's inner order)
+            nn_idx = torch.stack(level_idx, dim=3).view(b * nh, q, nk * nl, SAMPLING_K)
+            nn_weight = torch.stack(level_weights, dim=3).view(b * nh, q, nk * nl, SAMPLING_K)
+            attn = attn.permute(0, 2, 1, 4, 3).reshape(b * nh, q, nk * nl)
+            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value)  # b*heads x q x c'
+        return self.output_proj(out.view(b, nh, q, c // nh).transpose(1, 2).reshape(b, q, c))
+
     def forward(self, queries, poss, values, nb_idx, grid_hw):
         """
         Args:
@@ -123,41 +161,18 @@ class MSDeformAttnPc(MSDeformAttn):
             list over levels of ``b x n_l x c``.
         """
         b, _, c = queries[0].shape
-        nh, nl, nk = self.n_heads, self.n_levels, self.n_points
+        nh, nl = self.n_heads, self.n_levels
         if len(queries) != nl:
             raise ValueError(f"expected {nl} levels, got {len(queries)}")
         counts = [q.shape[1] for q in queries]
         n = sum(counts)
-        query = torch.cat(queries, dim=1)  # b x n x c, all levels' queries at once
         value = self.value_proj(torch.cat(values, dim=1))  # b x n x c
-        value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh)
-
         # geometry and aggregation in float32 at least (float64 stays float64)
-        geo = torch.promote_types(query.dtype, torch.float32)
-        with autocast_off(query.device.type):
-            query = query.to(geo)
-            offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
-            offsets = offsets.view(b, n, nh, nl, nk, 2)
-            logits = F.linear(query, self.attention_weights.weight.to(geo), self.attention_weights.bias.to(geo))
-            attn = logits.view(b, n, nh, nl * nk).softmax(-1).view(b, n, nh, nl, nk)
-            pos = torch.cat(poss, dim=1).to(geo)  # b x n x 2
-            loc = pos[:, :, None, None, None, :] + offsets  # b x n x heads x levels x points x 2
-            level_idx, level_weights = [], []
-            start = 0
-            for lvl in range(nl):
-                # b x n x heads x points x 2 -> b x (heads*n*points) x 2, ordered (head, query, point)
-                lvl_loc = loc[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b, nh * n * nk, 2)
-                idx, weights = self._sampling_neighbours(lvl_loc, poss[lvl], nb_idx[lvl], grid_hw, self.shepard_power)
-                level_idx.append((idx + start).view(b * nh, n, nk, SAMPLING_K))
-                level_weights.append(weights.view(b * nh, n, nk, SAMPLING_K))
-                start += counts[lvl]
-            # sample index m = point * levels + level (the original's inner order)
-            nn_idx = torch.stack(level_idx, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
-            nn_weight = torch.stack(level_weights, dim=3).view(b * nh, n, nk * nl, SAMPLING_K)
-            attn = attn.permute(0, 2, 1, 4, 3).reshape(b * nh, n, nk * nl)
-            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value.to(geo))  # b*heads x n x c'
-        out = out.view(b, nh, n, c // nh).transpose(1, 2).reshape(b, n, c)
-        out = self.output_proj(out)
+        geo = torch.promote_types(queries[0].dtype, torch.float32)
+        value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh).to(geo)
+        # all levels' queries at once, a chunk of them at a time in inference (bounded memory)
+        out = over_token_chunks(lambda query, pos: self._attend(query, pos, value, poss, counts, nb_idx, grid_hw),
+                                n, torch.cat(queries, dim=1), torch.cat(poss, dim=1))
         return list(out.split(counts, dim=1))
 
 
@@ -181,12 +196,13 @@ class MSDeformAttnTransformerEncoderLayerPc(nn.Module):
         """srcs, pos_embeds: lists of ``b x n_l x c``; poss: ``b x n_l x 2`` -> list of ``b x n_l x c``."""
         queries = [s + p for s, p in zip(srcs, pos_embeds)]
         attended = self.self_attn(queries, poss, srcs, nb_idx, grid_hw)
-        outs = []
-        for src, att in zip(srcs, attended):
-            src = self.norm1(src + self.dropout1(att))
-            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-            outs.append(self.norm2(src + self.dropout3(ffn)))
-        return outs
+        return [over_token_chunks(self._feed_forward, src.shape[1], src, att) for src, att in zip(srcs, attended)]
+
+    def _feed_forward(self, src, att):
+        """Residual + norm, then the FFN: ``b x n x c`` (token by token)."""
+        src = self.norm1(src + self.dropout1(att))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
 
 
 class MSDeformAttnTransformerEncoderPc(nn.Module):
@@ -349,13 +365,21 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
         pos2 = features[fine + "_pos"].float()
         pixel = (pos2[..., 1].long() * grid_hw[1] + pos2[..., 0].long()).unsqueeze(-1)  # b x n_2 x 1
         fpn_idx = nb_idx[-1].gather(1, pixel.expand(-1, -1, nb_idx[-1].shape[-1]))[..., :FPN_SHEPARD_K]
-        fpn_neighbours = shepard_neighbours(pos2, poss[-1], power=FPN_SHEPARD_POWER, nn_idx=fpn_idx)
-        y = self.adapter_1(features[fine])
-        y = y + shepard_interpolate(out[-1].to(y.dtype), fpn_neighbours)
+        fpn_idx, fpn_weights = shepard_neighbours(pos2, poss[-1], power=FPN_SHEPARD_POWER, nn_idx=fpn_idx)
+        # res2-sized (b x n_2 x c) work runs a chunk of tokens at a time in inference (bounded memory)
+        n2 = pos2.shape[1]
+
+        def adapt(res2, idx, weights):
+            y = self.adapter_1(res2)
+            return y + shepard_interpolate(out[-1].to(y.dtype), (idx, weights))
+
+        y = over_token_chunks(adapt, n2, features[fine], fpn_idx, fpn_weights)
         nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K)  # b x n_2 x 9, the token itself first
         offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
-        y = self.layer_1[0](y, nbhd_idx, offset)
-        y = self.layer_1[2](self.layer_1[1](y))
+
+        def mask_features(idx, offset):
+            return self.mask_features(self.layer_1[2](self.layer_1[1](self.layer_1[0](y, idx, offset))))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
-        return self.mask_features(y), pos2, out[0], multi_scale_features, poss[: self.maskformer_num_feature_levels]
+        return (over_token_chunks(mask_features, n2, nbhd_idx, offset), pos2, out[0], multi_scale_features,
+                poss[: self.maskformer_num_feature_levels])

@@ -10,11 +10,14 @@ __all__ = ["PointPositionEmbeddingSine", "PositionEmbeddingSine"]
 class PointPositionEmbeddingSine(nn.Module):
     """DETR's sine encoding, for points instead of a grid (docs/aff.md).
 
-    Each coordinate is divided by its maximum over the whole batch (``+1e-6``) and scaled by
+    Each coordinate is divided by its maximum over the image's points (``+1e-6``) and scaled by
     ``2*pi``; with ``w_j = temperature^(-2j/num_pos_feats)``, ``j < num_pos_feats/2``, a point
     gets ``[sin(x w_j), cos(x w_j), sin(y w_j), cos(y w_j)]`` (x first, sines then cosines).
     Upstream's grid version puts y first, interleaves sin/cos and normalises per image: the
-    checkpoints were trained with this one.
+    checkpoints were trained with this one.  The original divides by the maximum over the whole
+    batch instead, the same for a batch of one image (evaluation, the Predictor); per image, an
+    image's encoding does not depend on the images it is batched with, so that a batch split over
+    processes trains as the whole batch in one process.
     """
 
     def __init__(self, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
@@ -33,7 +36,7 @@ class PointPositionEmbeddingSine(nn.Module):
         dim_t = self.temperature ** (2.0 * j / self.num_pos_feats)  # half
         parts = []
         for coord in (pos[..., 0], pos[..., 1]):
-            angle = coord / (coord.max() + 1e-6) * self.scale
+            angle = coord / (coord.amax(dim=-1, keepdim=True) + 1e-6) * self.scale  # b x n
             angle = angle.unsqueeze(-1) / dim_t  # b x n x half
             parts += [angle.sin(), angle.cos()]
         return torch.cat(parts, dim=-1)

@@ -15,10 +15,12 @@ from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDeco
 
 
 def test_position_encoding_layout():
-    pos = torch.tensor([[[3.0, 1.0], [6.0, 4.0]], [[0.0, 8.0], [2.0, 0.0]]])  # batch max x 6, y 8
+    pos = torch.tensor([[[3.0, 1.0], [6.0, 4.0]], [[0.0, 8.0], [2.0, 0.0]]])  # image 1: max x 2, y 8
     pe = PointPositionEmbeddingSine(16)(pos)
     assert pe.shape == (2, 2, 32)
-    x, y = 2.0 / (6 + 1e-6) * 2 * math.pi, 8.0 / (8 + 1e-6) * 2 * math.pi  # token (1, 0): x=2 / y=0; (0, 0) y=8
+    x, y = 2.0 / (2 + 1e-6) * 2 * math.pi, 8.0 / (8 + 1e-6) * 2 * math.pi  # token (1, 1): x=2 / y=0; (1, 0) y=8
+    # each image by its own maxima: the same encoding alone as in the batch
+    torch.testing.assert_close(PointPositionEmbeddingSine(16)(pos[1:]), pe[1:], rtol=0, atol=0)
     freq = torch.tensor([10000 ** (-2 * j / 16) for j in range(8)], dtype=torch.float64)
     torch.testing.assert_close(pe[1, 1, :8].double(), (x * freq).sin(), atol=1e-5, rtol=0)  # sin x first
     torch.testing.assert_close(pe[1, 1, 8:16].double(), (x * freq).cos(), atol=1e-5, rtol=0)  # then cos x

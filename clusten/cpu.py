@@ -1,0 +1,92 @@
+"""CPU kernels of the gather primitives: sparse-matrix products instead of gathered copies.
+
+A neighbourhood index ``idx`` (``b x n x m``) and weights ``w`` (``g x n x m x r``) form, per
+chunk of queries, a sparse matrix ``S`` with one row per (group, query, r) and ``m`` entries per
+row, at the table rows the query reads.  Then
+
+- ``gather_sum(w, y, idx)`` is ``S @ y`` (sparse times dense), and
+- ``gather_dot(x, y, idx)`` is ``x @ y^T`` sampled at the entries of ``S`` (``sampled_addmm``),
+
+so the ``g x n x m x c`` block of gathered table rows that :mod:`clusten.reference` builds is
+never written. Measured on one CPU thread at AFF-Tiny's shapes (512 x 512 input): ``gather_sum``
+is 2-13x and ``gather_dot`` 3-4x faster than the chunked gather of the reference. The results
+equal the reference's up to float rounding (the sums run in another order); float16/bfloat16
+inputs are computed in float32, as there.  ``scatter_sum`` (gradients only) keeps the reference,
+and so does ``gather_dot`` when a row has more neighbours than the table has rows (duplicates:
+``sampled_addmm`` refuses more entries than a dense matrix has).
+"""
+import warnings
+
+import torch
+
+from . import reference
+from .reference import _table_rows, accumulate_dtype, query_chunks
+
+CHUNK_ENTRIES = 1 << 22  # sparse entries per chunk of queries (index + value: 48 MiB)
+
+
+def _pattern(idx, groups, n_src, r):
+    """Row pointers and column indices of ``S`` for ``idx`` (``b x n x m``): rows ordered
+    (group, query, r), each holding its query's ``m`` table rows in neighbour order."""
+    b, n, m = idx.shape
+    cols = _table_rows(idx, groups, n_src).unsqueeze(2).expand(groups, n, r, m).reshape(-1)
+    crow = torch.arange(0, cols.numel() + 1, m, dtype=torch.int64, device=idx.device)
+    return crow, cols
+
+
+def _no_autocast(fn):
+    """Run ``fn`` in the dtypes it casts to itself: an autocast region around the op would
+    otherwise send its products to bfloat16/float16 (which the sparse CPU kernels lack)."""
+    def wrapper(*args):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
+
+
+def _csr(crow, cols, values, rows, n_cols):
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" (once per process)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size=(rows, n_cols), check_invariants=False)
+
+
+def _empty(*sizes):
+    return any(s == 0 for s in sizes)
+
+
+@_no_autocast
+def gather_dot(x, y, idx):
+    """``x`` g x n x r x c, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x m x r."""
+    g, n, r, c = x.shape
+    n_src, m = y.shape[1], idx.shape[-1]
+    acc = accumulate_dtype(x.dtype)
+    if _empty(g, n, r, c, n_src, m):
+        return torch.zeros(g, n, m, r, dtype=x.dtype)
+    if m > g * n_src:  # more entries per row than columns: torch's sampled_addmm refuses these
+        return reference.gather_dot(x, y, idx)
+    table = y.to(acc).reshape(g * n_src, c).t()
+    chunks = []
+    for s, e in query_chunks(n, g * r * m, CHUNK_ENTRIES):
+        crow, cols = _pattern(idx[:, s:e], g, n_src, r)
+        pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=acc), g * (e - s) * r, g * n_src)
+        out = torch.sparse.sampled_addmm(pattern, x[:, s:e].to(acc).reshape(-1, c), table, beta=0.0)
+        chunks.append(out.values().view(g, e - s, r, m).transpose(2, 3).to(x.dtype))
+    return torch.cat(chunks, dim=1).contiguous()
+
+
+@_no_autocast
+def gather_sum(w, y, idx):
+    """``w`` g x n x m x r, ``y`` g x n_src x c, ``idx`` b x n x m -> g x n x r x c."""
+    g, n, m, r = w.shape
+    n_src, c = y.shape[1], y.shape[2]
+    acc = accumulate_dtype(w.dtype)
+    if _empty(g, n, m, r, n_src, c):
+        return torch.zeros(g, n, r, c, dtype=w.dtype)
+    table = y.to(acc).reshape(g * n_src, c)
+    chunks = []
+    for s, e in query_chunks(n, g * r * m, CHUNK_ENTRIES):
+        crow, cols = _pattern(idx[:, s:e], g, n_src, r)
+        values = w[:, s:e].to(acc).transpose(2, 3).reshape(-1)
+        out = _csr(crow, cols, values, g * (e - s) * r, g * n_src) @ table
+        chunks.append(out.view(g, e - s, r, c).to(w.dtype))
+    return torch.cat(chunks, dim=1)
