@@ -65,14 +65,21 @@ def test_every_requirement_is_pinned():
             assert name in pins, f"{name} is not pinned in requirements/constraints.txt"
 
 
-def test_pip_check_clean_apart_from_panopticapi_lite():
+def test_pip_check_clean_apart_from_the_no_deps_packages():
+    """Only the two packages install.sh installs with --no-deps may report requirements: panopticapi-lite
+    (numpy<2 and unused extras) and lvis (its opencv-python pin and unused build requirements; what it
+    imports is installed, see test_imports)."""
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
-    problems = [l for l in out.stdout.splitlines() if l.strip() and not l.startswith("panopticapi-lite")]
+    problems = [
+        l for l in out.stdout.splitlines()
+        if l.strip() and not l.startswith("panopticapi-lite ")
+        and not (l.startswith("lvis ") and l.endswith("which is not installed."))
+    ]
     assert not problems, out.stdout
 
 
 def test_imports():
-    code = "import aff_seg, clusten, detectron2, torchvision, panopticapi, cityscapesscripts, pycocotools"
+    code = "import aff_seg, clusten, detectron2, torchvision, panopticapi, cityscapesscripts, pycocotools, lvis"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
