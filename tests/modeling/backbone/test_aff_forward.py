@@ -82,10 +82,13 @@ def test_any_input_of_at_least_32_pixels(H, W):
 
 
 def test_gradients_reach_every_parameter_including_prob_net():
+    # when stochastic depth drops a branch for every image of the batch, that branch's parameters
+    # get no gradient (right, but not what this test is about): 4 images and a fixed seed keep it away
+    torch.manual_seed(0)
     model = mini(drop_path_rate=0.1).train()
     for H, W in [(64, 64), (32, 32)]:  # local attention, and global attention in downsampling stages
         model.zero_grad()
-        out = model(torch.randn(2, 3, H, W))
+        out = model(torch.randn(4, 3, H, W))
         sum((out[f"res{i}"] ** 2).mean() for i in range(2, 6)).backward()
         for name, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
