@@ -215,7 +215,8 @@ class ExportedModel:
             example = "x".join(str(s) for s in self.input["example_size"])
             raise ValueError(
                 f"input size {h} x {w} is outside the exported range: the graph exported at {example} takes other "
-                f"branches (global/local attention per stage) there; allowed widths for height {h}: {widths}")
+                f"branches (global or local attention, a single reserved token per stage) there; allowed widths "
+                f"for height {h}: {widths}")
 
     def raw(self, image):
         """Normalised, padded ``1 x C x H x W`` float32 -> dict of the graph outputs (``outputs``)."""
@@ -225,7 +226,13 @@ class ExportedModel:
             outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
         else:
             with torch.no_grad():
-                outputs = self._program(image.to(self.device))
+                try:
+                    outputs = self._program(image.to(self.device))
+                except AssertionError as e:  # a guard of the program: a size it was not exported for
+                    if "Guard failed" not in str(e):
+                        raise
+                    size = " x ".join(str(s) for s in image.shape[-2:])
+                    raise ValueError(f"input size {size} is outside the exported range ({e})") from None
         return dict(zip(self.settings["outputs"], outputs))
 
     def preprocess(self, image):
