@@ -18,9 +18,9 @@ two, cell assignment and block sides are exact in float64, so the test is exact.
 Which call sites it suits: exactness holds for any positions, so all six KNN uses of the model
 qualify (tokens -> tokens with k = 2 or 9, grid pixels or res2 -> level tokens with k = 4, level
 tokens -> res2 with k = 4, and tokens -> cluster means with k = nnc = 6, whose database is
-non-integer). It pays off when both sets are large (the brute force costs n x n_ distances);
-for small inputs (n * n_ below about 2^22, one brute-force chunk) :func:`clusten.knn` is as
-fast. Strongly uneven densities (a dense cluster plus a few far points) make cells unbalanced
+non-integer). It pays off when the database is large (the brute force costs n x n_ distances, the grid
+search a roughly fixed amount per query); :func:`clusten.knn` chooses by the measured costs of
+each device (``clusten.knn_search.SEARCH_COST``). Strongly uneven densities (a dense cluster plus a few far points) make cells unbalanced
 and the search slower, never wrong. The search synchronises with the host once per round.
 """
 import math
