@@ -176,7 +176,9 @@ def test_exported_graph_matches_eager_at_other_sizes(exported, fmt):
 def test_panoptic_and_instance_results_match_eager(exported, fmt, monkeypatch):
     model, _, deployed = exported
     deployed = deployed[fmt]
-    monkeypatch.setattr(model, "object_mask_threshold", 0.0)  # keep every query of the random model
+    # keep every query and segment of the random model
+    monkeypatch.setattr(model, "object_mask_threshold", 0.0)
+    monkeypatch.setattr(model, "overlap_threshold", 0.0)
     monkeypatch.setitem(deployed.settings, "postprocess", model.postprocess_settings())
     image = torch.randint(0, 256, (3, 150, 210), generator=torch.Generator().manual_seed(1)).float()
     ours = deployed([{"image": image}])[0]
@@ -239,3 +241,49 @@ def test_runtime_predicts_in_a_process_without_aff_seg(exported, tmp_path):
     got = torch.load(tmp_path / "sem_seg.pt")
     assert got.shape == eager.shape
     assert (got.argmax(0) == eager.argmax(0)).float().mean() >= 0.999
+
+
+# every AFF-Mini/Tiny config of the three datasets and three tasks
+AFF_CONFIGS = sorted(
+    os.path.relpath(os.path.join(folder, name), ROOT)
+    for folder in (os.path.join(ROOT, "configs", d, t, "aff") for d in ("ade20k", "coco", "cityscapes")
+                   for t in ("semantic-segmentation", "panoptic-segmentation", "instance-segmentation"))
+    if os.path.isdir(folder)
+    for name in os.listdir(folder)
+    if name.startswith("maskformer2_aff_") and ("_mini_bs" in name or "_tiny_bs" in name)
+)
+
+
+def test_every_aff_mini_tiny_config_is_listed():
+    datasets = {path.split(os.sep)[1] + "/" + path.split(os.sep)[2] for path in AFF_CONFIGS}
+    assert datasets == {"ade20k/semantic-segmentation", "coco/panoptic-segmentation", "coco/instance-segmentation",
+                        "cityscapes/semantic-segmentation", "cityscapes/panoptic-segmentation",
+                        "cityscapes/instance-segmentation"}
+    assert len(AFF_CONFIGS) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("AFF_SEG_EXPORT_TESTS") != "1",
+                    reason="one export per config (about 2 min of CPU each): opt-in, AFF_SEG_EXPORT_TESTS=1")
+@pytest.mark.parametrize("config", AFF_CONFIGS)
+def test_aff_config_exports_through_the_tool(config, tmp_path):
+    """tools/export_model.py on the config (its classes, test settings and decoder; few channels and
+    one block per stage), torch.export; the program matches eager at another size."""
+    opts = [o for o in TINY if o not in ("MODEL.DEVICE", "cpu")]
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(ROOT, config), TINY)
+    model = build_model(cfg).eval()
+    weights = str(tmp_path / "model.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    out = str(tmp_path / "export")
+    import_script("tools", "export_model").main([
+        "--config-file", os.path.join(ROOT, config), "--format", "torch_export", "--output", out,
+        "--example-size", *map(str, EXAMPLE), *opts, "MODEL.WEIGHTS", weights])
+    deployed = runtime.ExportedModel(out)
+    assert deployed.settings["postprocess"] == model.postprocess_settings()
+    x = torch.randn(1, 3, *SIZES[0], generator=torch.Generator().manual_seed(0))
+    expected, got = eager_raw(model, x), deployed.raw(x)
+    for key in ("pred_logits", "pred_masks"):
+        assert (got[key] - expected[key]).abs().max() <= 1e-4, key
+    for i in range(2, 6):
+        assert torch.equal(got[f"res{i}_pos"], expected[f"res{i}_pos"]), i
