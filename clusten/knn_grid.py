@@ -18,16 +18,15 @@ two, cell assignment and block sides are exact in float64, so the test is exact.
 Which call sites it suits: exactness holds for any positions, so all six KNN uses of the model
 qualify (tokens -> tokens with k = 2 or 9, grid pixels or res2 -> level tokens with k = 4, level
 tokens -> res2 with k = 4, and tokens -> cluster means with k = nnc = 6, whose database is
-non-integer). It pays off when both sets are large (the brute force costs n x n_ distances);
-for small inputs (n * n_ below about 2^22, one brute-force chunk) :func:`clusten.knn` is as
-fast. Strongly uneven densities (a dense cluster plus a few far points) make cells unbalanced
+non-integer). It pays off when the database is large (the brute force costs n x n_ distances, the grid
+search a roughly fixed amount per query); :func:`clusten.knn` chooses by the measured costs of
+each device (``clusten.knn_search.SEARCH_COST``). Strongly uneven densities (a dense cluster plus a few far points) make cells unbalanced
 and the search slower, never wrong. The search synchronises with the host once per round.
 """
 import math
 
 import torch
 
-from .reference import k_smallest
 from .validation import check
 
 # query x candidate slots per chunk: about 200 MB of temporaries (1M grid pixels, k = 9, one thread:
@@ -98,7 +97,7 @@ class _CellGrid:
         self.starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # cell t holds [starts[t], starts[t+1])
         self.max_count = int(counts.max())
         self.index = order % n_db  # database index of each sorted point
-        self.pos = db.reshape(-1, 2)[order]
+        self.x, self.y = db.reshape(-1, 2).index_select(0, order).t().contiguous()  # sorted positions
         self.n_db = n_db
 
     def candidate_bound(self, radius):
@@ -121,11 +120,11 @@ class _CellGrid:
         width = max(1, int(length.max()))
         slot = torch.arange(width, device=q.device)
         real = (slot < length[..., None]).view(nq, -1)
-        flat_slot = torch.where(real, (begin[..., None] + slot).view(nq, -1), 0)
-        cand = torch.where(real, self.index[flat_slot], self.n_db)
-        diff = q[:, None, :] - self.pos[flat_slot]
-        sq = diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1]
-        sq = torch.where(real, sq, math.inf)
+        flat_slot = torch.where(real, (begin[..., None] + slot).view(nq, -1), 0).view(-1)
+        cand = torch.where(real, self.index.index_select(0, flat_slot).view(nq, -1), self.n_db)
+        dx = q[:, :1] - self.x.index_select(0, flat_slot).view(nq, -1)
+        dy = q[:, 1:] - self.y.index_select(0, flat_slot).view(nq, -1)
+        sq = torch.where(real, dx * dx + dy * dy, math.inf)
         if cand.shape[1] < k:
             pad = k - cand.shape[1]
             cand = torch.cat([cand, cand.new_full((nq, pad), self.n_db)], 1)
@@ -145,8 +144,20 @@ def _k_smallest(cand, sq, k):
     """The k best candidates of each row by (squared distance, database index), nearest first.
 
     ``cand`` (int64) and ``sq`` (float64) are ``nq x L``, ``L >= k``, with distinct indices per row
-    (padding excepted). With the candidates in index order, the rule is ``k_smallest``'s.
+    (padding excepted). The rule is ``k_smallest``'s with the candidates in index order, without
+    sorting them: every candidate below the k-th smallest distance is taken, then of those at
+    exactly that distance the ones of lowest index, until there are k.
     """
-    cand, by_index = cand.sort(dim=1)
-    cols, sq = k_smallest(sq.gather(1, by_index), k)
-    return cand.gather(1, cols), sq
+    kth = sq.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
+    below = sq < kth
+    tied = sq == kth
+    room = k - below.sum(1, keepdim=True)  # 1..k tied candidates still to take
+    tied_index = torch.where(tied, cand, torch.iinfo(cand.dtype).max)
+    limit = tied_index.topk(k, dim=1, largest=False, sorted=True).values.gather(1, room - 1)
+    take = below | (tied & (cand <= limit))  # exactly k per row
+    slot = torch.arange(cand.shape[1], device=cand.device)
+    chosen = torch.where(take, slot, slot + cand.shape[1]).topk(k, dim=1, largest=False, sorted=False).indices
+    cand, sq = cand.gather(1, chosen), sq.gather(1, chosen)
+    cand, by_index = cand.sort(dim=1)  # then by distance, stable: ties in index order
+    sq, by_sq = sq.gather(1, by_index).sort(dim=1, stable=True)
+    return cand.gather(1, by_sq), sq

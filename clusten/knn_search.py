@@ -9,8 +9,9 @@ gradient. Queries are processed in chunks so memory stays bounded for any number
 ``knn`` runs as the custom op ``clusten::knn`` (one node per search in traced graphs, which is
 what ``clusten.flops`` counts). Which search it uses is a process-wide setting:
 ``set_knn_method("brute_force")`` (or ``with knn_method("brute_force"): ...``) keeps every search
-on the brute force, the original's way; ``auto`` (default) sends large 2-D searches to the grid
-search. The default is read once, at import, from ``CLUSTEN_KNN``.
+on the brute force, the original's way; ``auto`` (default) sends a 2-D search to the grid search
+when that is cheaper on its device (``grid_search_pays``). The default is read once, at import,
+from ``CLUSTEN_KNN``.
 """
 import torch
 from torch import Tensor
@@ -24,8 +25,14 @@ from .validation import check
 # fewer, larger launches (about 0.5 GB of temporaries).
 CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
-# 2-D searches with more query x database pairs than this go to the exact grid search
-# (clusten.grid_knn: same results); below it brute force is as fast.
+# Measured cost (seconds) of the two exact searches per device type: brute force per query x
+# database pair; the grid search (clusten.grid_knn, same results) per query and per call.
+# CPU (AFF-Tiny's searches at 512 x 512, 1-2 threads): brute force ~20 ns per pair, the grid
+# search ~5-10 us per query, so the grid pays once the database has more than ~500 points
+# (e.g. 256 decoder queries over the 16384 stride-4 pixels: 74 ms brute force, 2.6 ms grid;
+# 16384 pixels over 256 tokens: 89 ms brute force, 125 ms grid).
+SEARCH_COST = {"cpu": {"pair": 20e-9, "query": 10e-6, "call": 1.5e-3}}
+# devices without a measured cost: 2-D searches with more pairs than this go to the grid search
 GRID_SEARCH_PAIRS = 1 << 22
 SEARCH_ENV = "CLUSTEN_KNN"
 METHOD = Setting("knn method", ("auto", "brute_force"), SEARCH_ENV)
@@ -66,9 +73,9 @@ def knn(query, database, k, return_dist=False):
         ``b x n x k`` int64 database indices, nearest first (ties: lower index first), and, if
         ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
 
-    Large 2-D searches use the exact grid search (``clusten.grid_knn``), the others
-    ``brute_force_knn``; both give identical results (``set_knn_method("brute_force")`` forces
-    the latter).
+    2-D searches use the exact grid search (``clusten.grid_knn``) where it is cheaper
+    (``grid_search_pays``), the others ``brute_force_knn``; both give identical results
+    (``set_knn_method("brute_force")`` forces the latter).
     """
     _check(query, database, k)
     if torch.compiler.is_exporting():
@@ -83,9 +90,18 @@ def knn(query, database, k, return_dist=False):
 def _knn_op(query: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(``b x n x k`` int64 indices, ``b x n x k`` float32 distances) of ``knn``."""
     b, n, d = query.shape
-    if d == 2 and n * database.shape[1] > GRID_SEARCH_PAIRS and METHOD.value == "auto":
+    if d == 2 and METHOD.value == "auto" and grid_search_pays(b * n, database.shape[1], query.device):
         return grid_knn(query, database, k, return_dist=True)
     return brute_force_knn(query, database, k, return_dist=True)
+
+
+def grid_search_pays(queries, n_db, device):
+    """True when the grid search of ``queries`` points (all images) over databases of ``n_db``
+    points is expected to be faster than the brute force on ``device`` (``SEARCH_COST``)."""
+    cost = SEARCH_COST.get(device.type)
+    if cost is None:
+        return queries * n_db > GRID_SEARCH_PAIRS
+    return queries * n_db * cost["pair"] > queries * cost["query"] + cost["call"]
 
 
 @_knn_op.register_fake

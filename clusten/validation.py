@@ -54,7 +54,7 @@ def _check_values(tensor):
 
 
 def _check_range(op, name, tensor, upper, dim):
-    low, high = int(tensor.min()), int(tensor.max())
+    low, high = (int(v) for v in torch.aminmax(tensor))  # one pass
     if low < 0 or high >= upper:
         raise IndexError(f"{op}: {name} has values in [{low}, {high}] but must lie in [0, {dim}={upper})")
 

@@ -81,6 +81,9 @@ def check_exportable(cfg):
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("test-time augmentation (TEST.AUG.ENABLED=True) cannot be exported: the exported graph "
                          "runs one forward at one size; set TEST.AUG.ENABLED False")
+    if cfg.TEST.SLIDING_WINDOW.ENABLED:
+        raise ValueError("sliding-window inference (TEST.SLIDING_WINDOW.ENABLED=True) cannot be exported: the exported "
+                         "graph runs the whole image at once; set TEST.SLIDING_WINDOW.ENABLED False")
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in EXPORTABLE_HEADS:
         raise ValueError(f"MODEL.META_ARCHITECTURE={arch!r} cannot be exported (only {', '.join(EXPORTABLE_HEADS)})")
@@ -108,9 +111,36 @@ def _amax(self, dim=(), keepdim=False):
     return op.ReduceMax(self, op.Constant(value_ints=list(dim)), keepdims=int(keepdim))
 
 
+def _pooling_matrix(size, out_size, like):
+    """``out_size x size`` matrix (dtype of ``like``) of adaptive average pooling along one axis:
+    row ``i`` averages ``[floor(i * size / out_size), ceil((i + 1) * size / out_size))``, as PyTorch."""
+    from onnxscript import opset18 as op
+
+    i = op.Range(op.Constant(value_int=0), op.Constant(value_int=out_size), op.Constant(value_int=1))
+    start = op.Unsqueeze(op.Div(op.Mul(i, size), out_size), op.Constant(value_ints=[1]))
+    end = op.Unsqueeze(op.Div(op.Add(op.Mul(op.Add(i, 1), size), out_size - 1), out_size),
+                       op.Constant(value_ints=[1]))
+    j = op.Range(op.Constant(value_int=0), op.Squeeze(size), op.Constant(value_int=1))
+    inside = op.And(op.GreaterOrEqual(j, start), op.Less(j, end))
+    return op.Div(op.CastLike(inside, like), op.CastLike(op.Sub(end, start), like))
+
+
+def _adaptive_avg_pool2d(self, output_size):
+    """ONNX translation of ``aten._adaptive_avg_pool2d`` (``b x c x H x W -> b x c x P x Q``) for
+    any input size: a pooling matrix per axis, built from the input's shape. torch.onnx's own
+    decomposition fixes the window lengths at the example's size, so other sizes came out wrong."""
+    from onnxscript import opset18 as op
+
+    shape = op.Shape(self)
+    rows = _pooling_matrix(op.Gather(shape, op.Constant(value_ints=[2]), axis=0), output_size[0], self)
+    cols = _pooling_matrix(op.Gather(shape, op.Constant(value_ints=[3]), axis=0), output_size[1], self)
+    return op.MatMul(op.MatMul(rows, self), op.Transpose(cols, perm=[1, 0]))
+
+
 def onnx_translations():
     """The ``custom_translation_table`` of ``torch.onnx.export`` for the exported programs."""
-    return {torch.ops.aten.sort.stable: _sort_as_topk, torch.ops.aten.amax.default: _amax}
+    return {torch.ops.aten.sort.stable: _sort_as_topk, torch.ops.aten.amax.default: _amax,
+            torch.ops.aten._adaptive_avg_pool2d.default: _adaptive_avg_pool2d}
 
 
 def _valid_sizes(backbone, example_size, lo, hi, div):
@@ -170,6 +200,8 @@ def export_program(model, cfg, example_size=(256, 256), config_file=""):
         "config": config_file,
         "input": {
             "format": cfg.INPUT.FORMAT,
+            "channels": example.shape[1],
+            "dtype": str(example.dtype).removeprefix("torch."),
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
             "size_divisibility": div,

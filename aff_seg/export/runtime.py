@@ -156,7 +156,7 @@ class ExportedModel:
     """An exported model and its settings, called like the eager model in inference.
 
     ``model.json`` holds ``config`` (the config file), ``format`` (torch_export / onnx),
-    ``input`` (``format`` RGB/BGR, ``pixel_mean``, ``pixel_std``, ``size_divisibility``,
+    ``input`` (``format`` RGB/BGR, ``channels``, ``dtype``, ``pixel_mean``, ``pixel_std``, ``size_divisibility``,
     ``min_size``/``max_size``: the input sizes (after padding) the graph was exported for,
     ``valid_widths`` (AFF only): per height, the [min, max] width at which the exported graph
     is exact, ``min_size_test``/``max_size_test``: the test resize), ``outputs`` (the graph's
@@ -193,26 +193,37 @@ class ExportedModel:
             self._program = torch.export.load(model_path).module().to(self.device)
 
     def check_input(self, image):
-        """Raise a ValueError/TypeError naming what is wrong with a normalised ``1 x C x H x W`` input."""
-        channels = len(self.input["pixel_mean"])
+        """Raise a ValueError naming the expected and the received value when ``image`` is not
+        an input the exported graph accepts: a ``1 x C x H x W`` tensor of the exported dtype
+        (normalised), H and W multiples of the size divisibility within the exported range."""
+        inp = self.input
+        expected = f"1 x {inp['channels']} x H x W"
         if not isinstance(image, torch.Tensor):
-            raise TypeError(f"the exported model takes a torch.Tensor, got {type(image).__name__}")
-        if image.dtype != torch.float32:
-            raise TypeError(f"the exported model takes a float32 image (normalised), got {image.dtype}")
-        if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != channels:
-            raise ValueError(f"the exported model takes a 1 x {channels} x H x W image, got shape {tuple(image.shape)}")
+            raise ValueError(f"the exported model takes a {expected} torch.Tensor, got {type(image).__name__}")
+        if image.dim() != 4:
+            raise ValueError(f"the exported model takes a 4-d {expected} image, got {image.dim()}-d shape "
+                             f"{tuple(image.shape)}")
+        if image.shape[0] != 1:
+            raise ValueError(f"the exported model takes one image per call ({expected}), got a batch of "
+                             f"{image.shape[0]}")
+        if image.shape[1] != inp["channels"]:
+            raise ValueError(f"the exported model takes a {expected} image ({inp['format']}), got "
+                             f"{image.shape[1]} channels (shape {tuple(image.shape)})")
+        if str(image.dtype) != f"torch.{inp['dtype']}":
+            raise ValueError(f"the exported model takes a {inp['dtype']} image (normalised), got {image.dtype}")
         h, w = image.shape[-2:]
-        div = self.input["size_divisibility"]
-        lo, hi = self.input["min_size"], self.input["max_size"]
+        div, lo, hi = inp["size_divisibility"], inp["min_size"], inp["max_size"]
         if h % div or w % div:
             raise ValueError(f"input size {h} x {w} is not a multiple of the size divisibility {div} (pad the image)")
         if min(h, w) < lo or max(h, w) > hi:
-            raise ValueError(f"input size {h} x {w} is outside the exported range: each side in [{lo}, {hi}] pixels")
-        if "valid_widths" not in self.input:
+            side = min(h, w) if min(h, w) < lo else max(h, w)
+            raise ValueError(f"input size {h} x {w} is outside the exported range: each side must be in [{lo}, {hi}] "
+                             f"pixels, got a side of {side}")
+        if "valid_widths" not in inp:
             return
-        widths = self.input["valid_widths"].get(str(h))
+        widths = inp["valid_widths"].get(str(h))
         if widths is None or not widths[0] <= w <= widths[1]:
-            example = "x".join(str(s) for s in self.input["example_size"])
+            example = "x".join(str(s) for s in inp["example_size"])
             raise ValueError(
                 f"input size {h} x {w} is outside the exported range: the graph exported at {example} takes other "
                 f"branches (global/local attention per stage) there; allowed widths for height {h}: {widths}")
@@ -225,7 +236,15 @@ class ExportedModel:
             outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
         else:
             with torch.no_grad():
-                outputs = self._program(image.to(self.device))
+                try:
+                    outputs = self._program(image.to(self.device))
+                except AssertionError as e:  # a size check (guard) of the program, e.g. a branch of the example
+                    if "Guard failed" not in str(e):
+                        raise
+                    h, w = image.shape[-2:]
+                    example = "x".join(str(s) for s in self.input["example_size"])
+                    raise ValueError(f"input size {h} x {w} is outside the exported range: the program exported at "
+                                     f"{example} does not accept it ({e})") from None
         return dict(zip(self.settings["outputs"], outputs))
 
     def preprocess(self, image):

@@ -137,6 +137,36 @@ def test_output_is_stored_heads_last():
     assert out.transpose(1, 2).is_contiguous()
 
 
+class _RecordedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the ops dispatched inside the region."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_runs_the_chain_without_the_op(dtype):
+    """No gradient needed on CPU: the op's forward minus its logsumexp, same output and layout."""
+    inputs = _inputs(b=2, n=15, m=20, dtype=dtype, seed=16, mask_dtype=torch.bool)
+    with torch.no_grad(), _RecordedOps() as recorded:
+        out = cluster_attention(**inputs)
+    assert "clusten.cluster_attention_fwd.default" not in recorded.names
+    assert "aten.logsumexp.default" not in recorded.names
+    assert "clusten.gather_dot.default" in recorded.names
+    op_out, _ = torch.ops.clusten.cluster_attention_fwd(*inputs.values())
+    assert out.dtype == dtype and torch.equal(out, op_out) and out.transpose(1, 2).is_contiguous()
+    # with a gradient to compute, the op runs (its backward needs the logsumexp)
+    leaves = {k: (v.requires_grad_(True) if k == "query" else v) for k, v in inputs.items()}
+    with _RecordedOps() as recorded:
+        cluster_attention(**leaves)
+    assert "clusten.cluster_attention_fwd.default" in recorded.names
+
+
 def test_bad_arguments_are_named():
     inputs = _inputs(seed=8)
     with pytest.raises(ValueError, match="bias"):

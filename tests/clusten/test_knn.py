@@ -83,12 +83,12 @@ def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypa
         return real_grid(*args, **kwargs)
 
     monkeypatch.setattr(knn_search, "grid_knn", spy)
-    monkeypatch.setattr(knn_search, "GRID_SEARCH_PAIRS", 100)
+    monkeypatch.setitem(knn_search.SEARCH_COST, "cpu", {"pair": 1.0, "query": 50.0, "call": 1000.0})
     g = torch.Generator().manual_seed(3)
     database = torch.randint(0, 40, (2, 300, 2), generator=g).float()
     query = torch.randint(-5, 45, (2, 200, 2), generator=g).float()
     idx, dist = clusten.knn(query, database, 4, return_dist=True)
-    assert calls, "knn did not use the grid search above GRID_SEARCH_PAIRS"
+    assert calls, "knn did not use the grid search where its cost is lower"
     ref_idx, ref_dist = clusten.brute_force_knn(query, database, 4, return_dist=True)
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
     assert clusten.knn(query[:, :5], database[:, :10], 4).shape == (2, 5, 4)  # small: brute force
@@ -98,3 +98,15 @@ def test_large_2d_searches_go_to_the_grid_search_with_identical_results(monkeypa
     assert len(calls) == 1 and clusten.get_knn_method() == "auto"
     with pytest.raises(ValueError, match="CLUSTEN_KNN='grid': expected one of auto, brute_force"):
         knn_search.METHOD.validated("grid", knn_search.SEARCH_ENV)
+
+
+def test_search_choice_follows_the_measured_cpu_cost():
+    cpu = torch.device("cpu")
+    # few queries over many points: the grid; many queries over few points: brute force
+    assert knn_search.grid_search_pays(256, 16384, cpu)
+    assert not knn_search.grid_search_pays(16384, 256, cpu)
+    assert knn_search.grid_search_pays(16384, 1024, cpu)
+    assert not knn_search.grid_search_pays(4, 4096, cpu)  # tiny: the grid's fixed cost dominates
+    # a device without measured costs keeps the pair threshold
+    meta = torch.device("meta")
+    assert knn_search.grid_search_pays(4096, 4096, meta) and not knn_search.grid_search_pays(256, 16384, meta)

@@ -1,24 +1,30 @@
-"""Export of the dense-map models: grid Mask2Former, FASeg on a grid backbone and SegFormer
-(CheckedSemanticSegmentor). The exported graph (torch.export program, ONNX file run by ONNX
-Runtime) reproduces the eager model at input sizes other than the example's, the runtime's
-post-processing gives the eager results, and the demo draws with an exported model."""
+"""Export of the dense-map models: grid Mask2Former, FASeg on a grid backbone, SegFormer and
+BoostFormer (CheckedSemanticSegmentor). The exported graph (torch.export program, ONNX file run by
+ONNX Runtime) reproduces the eager model at input sizes other than the example's, the runtime's
+post-processing gives the eager results, bad input gets a clear error, and the demo draws with an
+exported model."""
+import copy
 import os
 
 import cv2
 import numpy as np
+import onnxruntime
 import pytest
 import torch
+from torch import nn
 
 from aff_seg.config import load_config
 from aff_seg.export import runtime
-from aff_seg.export.exporter import check_exportable
+from aff_seg.export.exporter import check_exportable, export_program, onnx_translations, save
+from detectron2.data import Metadata
 from detectron2.modeling import build_model
 
 from ..tools.conftest import ROOT, import_script
 
 EXAMPLE = (128, 128)
 # multiples of 32 that differ from the example; at 256 x 320 FASeg's high-resolution layer
-# attends to 2 cells of stride 32, at the example's size to 1
+# attends to 2 cells of stride 32, at the example's size to 1, and BoostFormer's 7 x 7 key/value
+# pool averages windows of other lengths
 SIZES = [(96, 160), (192, 128), (256, 320)]
 _MASK2FORMER = [
     "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
@@ -28,14 +34,25 @@ _MASK2FORMER = [
 ]
 # small random models: config file, overrides
 MODELS = {
-    "grid": ("configs/synthetic/ade20k_semantic_grid.yaml", _MASK2FORMER),
+    # one decoder layer (plus the learnable queries' loss layer)
+    "grid": ("configs/synthetic/ade20k_semantic_grid.yaml", _MASK2FORMER + ["MODEL.MASK_FORMER.DEC_LAYERS", "2"]),
+    # res5, res4, res3 and the high-resolution layer
     "faseg_grid": ("configs/synthetic/ade20k_semantic_faseg_grid.yaml", _MASK2FORMER),
     "segformer": ("configs/synthetic/ade20k_semantic_segformer_b0.yaml", [
         "MODEL.MIT.EMBED_DIMS", "[8, 16, 24, 32]", "MODEL.MIT.DEPTHS", "[1, 1, 1, 1]",
         "MODEL.MIT.NUM_HEADS", "[1, 2, 2, 4]", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16"]),
+    "boostformer": ("configs/synthetic/ade20k_semantic_boostformer.yaml", [
+        "MODEL.BOOSTFORMER.EMBED_DIMS", "[8, 16, 24, 32]", "MODEL.BOOSTFORMER.DEPTHS", "[1, 1, 1, 1]",
+        "MODEL.BOOSTFORMER.NUM_HEADS", "[1, 2, 2, 4]", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16"]),
 }
-# each export takes 20-40 s of CPU
-CASES = [("segformer", "torch_export"), ("segformer", "onnx")]
+# exported through tools/export_model.py from a checkpoint, once per format; the other models
+# share one torch.export (export_program) between their formats. An export takes 10-25 s of
+# CPU, an ONNX conversion 10-20 s.
+CLI_MODELS = ("segformer",)
+# (grid Mask2Former and FASeg share the pixel decoder and the decoder's base: the first is run as a
+# program, the second through ONNX Runtime)
+CASES = [("segformer", "torch_export"), ("segformer", "onnx"), ("grid", "torch_export"), ("faseg_grid", "onnx"),
+         ("boostformer", "torch_export"), ("boostformer", "onnx")]
 
 
 def make_cfg(name, *extra):
@@ -45,21 +62,38 @@ def make_cfg(name, *extra):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def programs():
+    """model name -> (eager model, program, settings): one torch.export per model."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
-def exported(request, tmp_path_factory):
-    """(case name, format, eager model, export directory): a random model saved as a checkpoint
-    and exported from it by tools/export_model.py."""
+def exported(request, programs, tmp_path_factory):
+    """(case name, format, eager model, export directory, the export loaded by the runtime): a
+    random model exported by tools/export_model.py from a checkpoint (CLI_MODELS) or saved from
+    the model's program."""
     name, fmt = request.param
-    torch.manual_seed(0)
-    model = build_model(make_cfg(name)).eval()
     directory = tmp_path_factory.mktemp(f"{name}_{fmt}")
-    weights = str(directory / "model.pth")
-    torch.save({"model": model.state_dict()}, weights)
     config, opts = MODELS[name]
-    import_script("tools", "export_model").main([
-        "--config-file", os.path.join(ROOT, config), "--format", fmt, "--output", str(directory / "export"),
-        "--example-size", *map(str, EXAMPLE), *opts, "MODEL.WEIGHTS", weights])
-    return name, fmt, model, str(directory / "export")
+    if name in CLI_MODELS:
+        torch.manual_seed(0)
+        model = build_model(make_cfg(name)).eval()
+        weights = str(directory / "model.pth")
+        torch.save({"model": model.state_dict()}, weights)
+        import_script("tools", "export_model").main([
+            "--config-file", os.path.join(ROOT, config), "--format", fmt, "--output", str(directory / "export"),
+            "--example-size", *map(str, EXAMPLE), *opts, "MODEL.WEIGHTS", weights])
+        return name, fmt, model, str(directory / "export"), runtime.ExportedModel(str(directory / "export"))
+    if name not in programs:
+        programs.clear()  # the previous model's program is not used again (CASES are grouped by model)
+        torch.manual_seed(0)
+        cfg = make_cfg(name)
+        model = build_model(cfg).eval()
+        programs[name] = (model, *export_program(model, cfg, EXAMPLE, config_file=config))
+    model, program, settings = programs[name]
+    save(program, settings, str(directory / "export"), fmt)
+    return name, fmt, model, str(directory / "export"), runtime.ExportedModel(str(directory / "export"))
 
 
 def eager_raw(model, x):
@@ -74,8 +108,7 @@ def eager_raw(model, x):
 
 @pytest.mark.slow
 def test_exported_graph_matches_eager_at_other_sizes(exported):
-    _, _, model, directory = exported
-    deployed = runtime.ExportedModel(directory)
+    _, _, model, _, deployed = exported
     g = torch.Generator().manual_seed(0)
     for h, w in SIZES:
         x = torch.randn(1, 3, h, w, generator=g)
@@ -95,15 +128,17 @@ def test_exported_graph_matches_eager_at_other_sizes(exported):
 @pytest.mark.slow
 def test_panoptic_and_instance_results_from_the_exported_outputs(exported, monkeypatch):
     """The same raw outputs give the panoptic and instance results of the eager model."""
-    _, _, model, directory = exported
-    if not hasattr(model, "postprocess_settings"):
-        pytest.skip("semantic-only model")
+    name, _, model, _, deployed = exported
+    if name != "grid":
+        pytest.skip("checked with the grid Mask2Former")
+    things = {i: i for i in range(0, model.sem_seg_head.num_classes, 2)}  # every other class
+    monkeypatch.setattr(model, "metadata", Metadata(thing_dataset_id_to_contiguous_id=things))
     monkeypatch.setattr(model, "panoptic_on", True)
     monkeypatch.setattr(model, "instance_on", True)
     monkeypatch.setattr(model, "sem_seg_postprocess_before_inference", True)
     monkeypatch.setattr(model, "object_mask_threshold", 0.0)  # keep every query of the random model
-    deployed = runtime.ExportedModel(directory)
-    deployed.settings["postprocess"] = model.postprocess_settings()
+    deployed = copy.copy(deployed)
+    deployed.settings = {**deployed.settings, "postprocess": model.postprocess_settings()}
     image = torch.randint(0, 256, (3, 150, 210), generator=torch.Generator().manual_seed(1)).float()
     ours = deployed([{"image": image}])[0]
     with torch.no_grad():
@@ -120,25 +155,83 @@ def test_panoptic_and_instance_results_from_the_exported_outputs(exported, monke
 
 @pytest.mark.slow
 def test_bad_input_gets_a_clear_error(exported):
-    _, _, _, directory = exported
-    deployed = runtime.ExportedModel(directory)
+    """Checked by the runtime before the graph runs (both formats): each error names the expected
+    and the received value."""
+    deployed = exported[-1]
     assert deployed.input["min_size"] == 64  # two cells of 32 a side
-    with pytest.raises(ValueError, match="outside the exported range"):
-        deployed.raw(torch.zeros(1, 3, 32, 128))
-    with pytest.raises(ValueError, match="not a multiple of the size divisibility"):
-        deployed.raw(torch.zeros(1, 3, 128, 112))
-    with pytest.raises(ValueError, match="1 x 3 x H x W"):
-        deployed.raw(torch.zeros(1, 1, 128, 128))
+    assert deployed.input["channels"] == 3 and deployed.input["dtype"] == "float32"
+    bad = {
+        r"outside the exported range: each side must be in \[64, 2048\] pixels, got a side of 32": (1, 3, 32, 128),
+        r"outside the exported range: each side must be in \[64, 2048\] pixels, got a side of 2080": (1, 3, 128, 2080),
+        r"128 x 112 is not a multiple of the size divisibility 32": (1, 3, 128, 112),
+        r"takes a 1 x 3 x H x W image \(RGB\), got 1 channels": (1, 1, 128, 128),
+        r"takes a 4-d 1 x 3 x H x W image, got 3-d shape \(3, 128, 128\)": (3, 128, 128),
+        r"one image per call \(1 x 3 x H x W\), got a batch of 2": (2, 3, 128, 128),
+    }
+    for message, shape in bad.items():
+        with pytest.raises(ValueError, match=message):
+            deployed.raw(torch.zeros(shape))
+    with pytest.raises(ValueError, match=r"takes a float32 image \(normalised\), got torch.uint8"):
+        deployed.raw(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="1 x 3 x H x W torch.Tensor, got ndarray"):
+        deployed.raw(np.zeros((1, 3, 128, 128), np.float32))
 
 
-def test_semantic_heads_without_stride4_logits_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"MODEL.SEM_SEG_HEAD.NAME='SemSegFPNHead' cannot be exported"):
-        check_exportable(make_cfg("segformer", "MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead"))
+class Branches(nn.Module):
+    """A size-dependent branch: torch.export keeps the example's as a guard of the program."""
+
+    def forward(self, image):
+        return (image[:, :1] * 2 if image.shape[2] > 96 else image[:, :1],)
+
+
+def test_a_guard_of_the_program_is_a_clear_error(tmp_path):
+    """A size within [min_size, max_size] that the torch.export program's own guard refuses."""
+    dims = [32 * torch.export.Dim(name, min=2, max=64) for name in ("rows", "cols")]
+    program = torch.export.export(Branches(), (torch.zeros(1, 3, 128, 128),),
+                                  dynamic_shapes={"image": {2: dims[0], 3: dims[1]}})
+    settings = {"input": {"format": "RGB", "channels": 3, "dtype": "float32", "pixel_mean": [0.0] * 3,
+                          "pixel_std": [1.0] * 3, "size_divisibility": 32, "min_size": 64, "max_size": 2048,
+                          "example_size": [128, 128]},
+                "outputs": ["sem_seg_logits"], "postprocess": {"common_stride": 1}}
+    save(program, settings, str(tmp_path), "torch_export")
+    deployed = runtime.ExportedModel(str(tmp_path))
+    assert torch.equal(deployed.raw(torch.ones(1, 3, 160, 64))["sem_seg_logits"], torch.full((1, 1, 160, 64), 2.0))
+    with pytest.raises(ValueError, match=r"input size 64 x 64 is outside the exported range: the program exported "
+                                         r"at 128x128 does not accept it \(Guard failed"):
+        deployed.raw(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["TEST.AUG.ENABLED", "True"], r"test-time augmentation \(TEST.AUG.ENABLED=True\) cannot be exported"),
+    (["TEST.SLIDING_WINDOW.ENABLED", "True"],
+     r"sliding-window inference \(TEST.SLIDING_WINDOW.ENABLED=True\) cannot be exported"),
+    (["MODEL.META_ARCHITECTURE", "SemanticSegmentor"], r"MODEL.META_ARCHITECTURE='SemanticSegmentor' cannot be exported"),
+    (["MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead"], r"MODEL.SEM_SEG_HEAD.NAME='SemSegFPNHead' cannot be exported"),
+], ids=["tta", "sliding_window", "meta_architecture", "semantic_head"])
+def test_unsupported_combinations_are_refused_by_name(opts, message):
+    with pytest.raises(ValueError, match=message):
+        check_exportable(make_cfg("segformer", *opts))
+
+
+def test_adaptive_average_pool_in_onnx_at_any_size(tmp_path):
+    """The ONNX translation of adaptive average pooling (BoostFormer's key/value pool) computes its
+    windows from the input's size, including maps smaller than the output."""
+    pool = nn.AdaptiveAvgPool2d((7, 5))
+    dims = {"input": {2: torch.export.Dim("h", max=512), 3: torch.export.Dim("w", max=512)}}
+    program = torch.export.export(pool, (torch.zeros(2, 3, 16, 16),), dynamic_shapes=dims)
+    path = str(tmp_path / "pool.onnx")
+    torch.onnx.export(program, dynamo=True, custom_translation_table=onnx_translations(), verbose=False).save(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(4, 4), (7, 5), (13, 29), (100, 3), (64, 96)]:
+        x = torch.randn(2, 3, h, w, generator=g)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        torch.testing.assert_close(got, pool(x), atol=1e-6, rtol=0, msg=f"{h} x {w}")
 
 
 @pytest.mark.slow
 def test_demo_draws_with_an_exported_model(exported, tmp_path):
-    name, fmt, _, directory = exported
+    name, fmt, _, directory, _ = exported
     if (name, fmt) != ("segformer", "onnx"):
         pytest.skip("drawn once, with the ONNX SegFormer")
     demo = import_script("demo", "demo")

@@ -55,8 +55,9 @@ def test_custom_ops_match_the_hand_count(analyze_model):
 def test_tiny_aff_backbone_matches_the_hand_count(analyze_model, tiny_config, fused):
     """Cluster attention and KNN searches of the tiny AFF backbone on a 64 x 64 input,
     counted from the stage rules of docs/aff.md: the attention logits are the ``gather_dot``
-    op. On the CPU, inference runs the unfused chain also with ``FUSED_ATTENTION`` (the fused op
-    is that chain plus work only its backward needs), so both settings count the same; the fused
+    op. On the CPU, inference runs the unfused chain also with ``FUSED_ATTENTION``
+    (``clusten.cluster_attention`` without autograd: the fused op is that chain plus work only
+    its backward needs), so both settings count the same; the fused
     op's own FLOP rule is checked in test_custom_ops_match_the_hand_count."""
     from detectron2.modeling import build_backbone
 

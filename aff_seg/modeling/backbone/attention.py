@@ -21,10 +21,9 @@ def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, 
     """Softmax attention of each query over its neighbourhood plus a blank token.
 
     With ``fused`` (and local attention without dropout) it runs ``clusten.cluster_attention``,
-    which computes the same thing in one pass; otherwise the unfused chain of the original,
-    ``clusten.cluster_attention_reference``. On CPU without autograd the chain runs either way:
-    there the fused op is that same chain plus the logsumexp its backward needs (identical
-    output, measured about 10% slower at AFF-Tiny's shapes).
+    which computes the same thing in one pass (on CPU without autograd: the chain itself, the
+    faster path there); otherwise the unfused chain of the original,
+    ``clusten.cluster_attention_reference``.
 
     Args:
         q: ``b x h x n x c'`` (already scaled); key, value: ``b x h x n x c'``.
@@ -39,8 +38,7 @@ def neighbourhood_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, 
         ``b x h x n x c'``.
     """
     bias = bias.expand(q.shape[0], -1, -1, -1)
-    cpu_inference = q.device.type == "cpu" and not torch.is_grad_enabled()
-    if fused and nbhd_idx is not None and dropout_p == 0 and not cpu_inference:
+    if fused and nbhd_idx is not None and dropout_p == 0:
         return clusten.cluster_attention(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v)
     return clusten.cluster_attention_reference(q, key, value, nbhd_idx, bias, nbhd_valid, blank_k, blank_v,
                                                dropout_p=dropout_p)

@@ -196,7 +196,9 @@ class FocalAttention(nn.Module):
         kv = qkv[:, :, c:]
         if self.focal_window > 0:
             kv = torch.cat([kv, kv.new_zeros(b, 1, 2 * c)], dim=1)
-        index, mask = focal_key_index(w, self.expand_size, self.focal_window, hp, wp, x.device)
+        # sizes traced symbolically (torch.export) cannot key the cache: the graph builds the index
+        key_index = focal_key_index.__wrapped__ if isinstance(hp * wp, torch.SymInt) else focal_key_index
+        index, mask = key_index(w, self.expand_size, self.focal_window, hp, wp, x.device)
         nw, n = index.shape
         k, v = kv[:, index].reshape(b, nw, n, 2, h, c // h).permute(3, 0, 1, 4, 2, 5).reshape(2, b, nw * h, n, c // h)
         q = q.reshape(b, nw, w * w, h, c // h).transpose(2, 3).reshape(b, nw * h, w * w, c // h)

@@ -27,6 +27,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 import clusten
 
 from ..point_utils import (
+    SHEPARD_EPS,
     PointConv,
     autocast_off,
     gather_points,
@@ -84,68 +85,79 @@ class MSDeformAttnPc(MSDeformAttn):
             self.shepard_power = float(shepard_power)
 
     @staticmethod
-    def _sampling_neighbours(loc, level_pos, level_nb_idx, grid_hw, power):
-        """Candidate tokens and Shepard weights of sampling locations on one level.
+    def _candidate_table(poss, nb_idx, dtype):
+        """The candidate tokens of every pixel of every level, as one lookup table.
 
         Args:
-            loc: ``b x s x 2`` sampling locations (stride-4 grid units), float32 or float64.
-            level_pos: ``b x n_l x 2`` positions of the level's tokens.
-            level_nb_idx: ``b x (h*w) x k`` the level's k tokens nearest to each grid pixel
-                (k = 4, or all of them when the level has fewer).
-            grid_hw: (h, w) of the stride-4 grid; power: Shepard power on squared distances.
+            poss: list over levels of ``b x n_l x 2`` token positions.
+            nb_idx: list over levels of ``b x (h*w) x k`` the level's k tokens nearest to each
+                pixel of the stride-4 grid (k = 4, or all of them when the level has fewer).
+            dtype: the geometry dtype of the positions.
         Returns:
-            idx ``b x s x 4`` (int64, into the level's tokens; no gradient) and weights
-            ``b x s x 4`` (loc's dtype) from the unrounded locations (gradient to loc and power);
-            with k < 4 the missing candidates get weight 0.
+            (idx ``(b*levels*h*w) x 4`` int64 into the concatenation of all levels' tokens,
+            positions ``(b*levels*h*w) x 2 x 4`` of those tokens (x row, y row), valid
+            ``(b*levels*h*w) x 4`` bool or None):
+            row ``(image * levels + level) * h*w + pixel``; a level with fewer than 4 tokens
+            repeats its first candidate in the missing slots, which ``valid`` marks False.
         """
-        h, w = grid_hw
-        with torch.no_grad():
-            cell = loc.round().long()
-            pixel = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)  # b x s
-            idx = level_nb_idx.gather(1, pixel.unsqueeze(-1).expand(-1, -1, level_nb_idx.shape[-1]))
-        dist2 = (loc.unsqueeze(2) - gather_points(level_pos.to(loc.dtype), idx)).pow(2).sum(-1)
-        weights = shepard_weights(dist2, power)
-        missing = SAMPLING_K - idx.shape[-1]
-        if missing > 0:  # a level with fewer than 4 tokens: pad with zero-weight repeats
-            idx = torch.cat([idx, idx[..., :1].expand(-1, -1, missing)], dim=-1)
-            weights = F.pad(weights, (0, missing))
-        return idx, weights
+        idx, pos, valid = [], [], []
+        start = 0
+        for level_pos, level_idx in zip(poss, nb_idx):
+            missing = SAMPLING_K - level_idx.shape[-1]
+            valid.append(F.pad(torch.ones_like(level_idx, dtype=torch.bool), (0, missing)))
+            if missing > 0:
+                level_idx = torch.cat([level_idx, level_idx[..., :1].expand(-1, -1, missing)], dim=-1)
+            pos.append(gather_points(level_pos.to(dtype), level_idx).transpose(-1, -2))
+            idx.append(level_idx + start)
+            start += level_pos.shape[1]
+        padded = any(level_idx.shape[-1] < SAMPLING_K for level_idx in nb_idx)
+        valid = torch.stack(valid, 1).view(-1, SAMPLING_K) if padded else None
+        return torch.stack(idx, 1).view(-1, SAMPLING_K), torch.stack(pos, 1).view(-1, 2, SAMPLING_K), valid
 
-    def _attend(self, query, pos, value, poss, counts, nb_idx, grid_hw):
+    def _attend(self, query, pos, value, table, grid_hw):
         """The attention of some queries (of any levels) over all levels.
+
+        Each sampling location reads its cell's row of the candidate table (the 4 level tokens
+        nearest to the rounded, clamped location) and weighs them by Shepard weights of the
+        unrounded location (gradient to the offsets and the power).
 
         Args:
             query: ``b x q x c`` (features + position encoding); pos: ``b x q x 2`` their positions.
             value: ``(b*heads) x n x c'`` the projected values of all levels' tokens (geometry dtype).
-            poss, counts, nb_idx, grid_hw: every level's positions, token counts, pixel lookups
-                and the stride-4 grid size (see ``forward``).
+            table: ``_candidate_table`` of all levels; grid_hw: (h, w) of the stride-4 grid.
         Returns:
             ``b x q x c`` after ``output_proj``.
         """
         b, q, c = query.shape
         nh, nl, nk = self.n_heads, self.n_levels, self.n_points
+        h, w = grid_hw
         geo = value.dtype
+        table_idx, table_pos, table_valid = table
         with autocast_off(query.device.type):
             query = query.to(geo)
             offsets = F.linear(query, self.sampling_offsets.weight.to(geo), self.sampling_offsets.bias.to(geo))
-            offsets = offsets.view(b, q, nh, nl, nk, 2)
             logits = F.linear(query, self.attention_weights.weight.to(geo), self.attention_weights.bias.to(geo))
+            # sample index m = point * levels + level (the original's inner order), per head
             attn = logits.view(b, q, nh, nl * nk).softmax(-1).view(b, q, nh, nl, nk)
-            loc = pos.to(geo)[:, :, None, None, None, :] + offsets  # b x q x heads x levels x points x 2
-            level_idx, level_weights = [], []
-            start = 0
-            for lvl in range(nl):
-                # b x q x heads x points x 2 -> b x (heads*q*points) x 2, ordered (head, query, point)
-                lvl_loc = loc[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b, nh * q * nk, 2)
-                idx, weights = self._sampling_neighbours(lvl_loc, poss[lvl], nb_idx[lvl], grid_hw, self.shepard_power)
-                level_idx.append((idx + start).view(b * nh, q, nk, SAMPLING_K))
-                level_weights.append(weights.view(b * nh, q, nk, SAMPLING_K))
-                start += counts[lvl]
-            # sample index m = point * levels + level (the original's inner order)
-            nn_idx = torch.stack(level_idx, dim=3).view(b * nh, q, nk * nl, SAMPLING_K)
-            nn_weight = torch.stack(level_weights, dim=3).view(b * nh, q, nk * nl, SAMPLING_K)
             attn = attn.permute(0, 2, 1, 4, 3).reshape(b * nh, q, nk * nl)
-            out = clusten.msdetrpc(nn_idx, nn_weight, attn, value)  # b*heads x q x c'
+            offsets = offsets.view(b, q, nh, nl, nk, 2).permute(0, 2, 1, 4, 3, 5).contiguous()  # b x heads x q x points x levels
+            loc = pos.to(geo)[:, None, :, None, None, :] + offsets
+            with torch.no_grad():
+                cell = loc.round().long()
+                pixel = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)
+                image_level = torch.arange(b * nl, device=pixel.device).view(b, 1, 1, 1, nl)
+                row = (pixel + image_level * (h * w)).view(-1)
+                nn_idx = table_idx.index_select(0, row).view(b * nh, q, nk * nl, SAMPLING_K)
+            nbr_pos = table_pos.index_select(0, row).view(*loc.shape[:-1], 2, SAMPLING_K)
+            dx, dy = loc[..., :1] - nbr_pos[..., 0, :], loc[..., 1:] - nbr_pos[..., 1, :]
+            dist2 = dx * dx + dy * dy
+            if table_valid is None:
+                nn_weight = shepard_weights(dist2, self.shepard_power)
+            else:  # missing candidates of a level with fewer than 4 tokens weigh 0
+                valid = table_valid.index_select(0, row).view(dist2.shape)
+                u = torch.where(valid, 1.0 / (dist2.pow(self.shepard_power) + SHEPARD_EPS), 0.0)
+                nn_weight = u / u.sum(dim=-1, keepdim=True)
+            out = clusten.msdetrpc(nn_idx, nn_weight.view(b * nh, q, nk * nl, SAMPLING_K), attn, value)
         return self.output_proj(out.view(b, nh, q, c // nh).transpose(1, 2).reshape(b, q, c))
 
     def forward(self, queries, poss, values, nb_idx, grid_hw):
@@ -170,8 +182,9 @@ class MSDeformAttnPc(MSDeformAttn):
         # geometry and aggregation in float32 at least (float64 stays float64)
         geo = torch.promote_types(queries[0].dtype, torch.float32)
         value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh).to(geo)
+        table = self._candidate_table(poss, nb_idx, geo)
         # all levels' queries at once, a chunk of them at a time in inference (bounded memory)
-        out = over_token_chunks(lambda query, pos: self._attend(query, pos, value, poss, counts, nb_idx, grid_hw),
+        out = over_token_chunks(lambda query, pos: self._attend(query, pos, value, table, grid_hw),
                                 n, torch.cat(queries, dim=1), torch.cat(poss, dim=1))
         return list(out.split(counts, dim=1))
 
