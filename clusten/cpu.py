@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from . import reference
-from .reference import _table_rows, accumulate_dtype, query_chunks
+from .reference import accumulate_dtype, query_chunks
 
 CHUNK_ENTRIES = 1 << 22  # sparse entries per chunk of queries (index + value: 48 MiB)
 
@@ -29,7 +29,9 @@ def _pattern(idx, groups, n_src, r):
     """Row pointers and column indices of ``S`` for ``idx`` (``b x n x m``): rows ordered
     (group, query, r), each holding its query's ``m`` table rows in neighbour order."""
     b, n, m = idx.shape
-    cols = _table_rows(idx, groups, n_src).unsqueeze(2).expand(groups, n, r, m).reshape(-1)
+    heads = groups // b
+    offset = torch.arange(groups, dtype=torch.int64, device=idx.device).view(b, heads, 1, 1, 1) * n_src
+    cols = (idx.view(b, 1, n, 1, m) + offset).expand(b, heads, n, r, m).reshape(-1)  # one pass when r = 1
     crow = torch.arange(0, cols.numel() + 1, m, dtype=torch.int64, device=idx.device)
     return crow, cols
 
@@ -48,6 +50,11 @@ def _csr(crow, cols, values, rows, n_cols):
     with warnings.catch_warnings():  # "sparse CSR support is in beta" (once per process)
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, cols, values, size=(rows, n_cols), check_invariants=False)
+
+
+def _joined(chunks):
+    """The chunks concatenated along the queries (dim 1); a single chunk as it is, not copied."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
 def _empty(*sizes):
@@ -71,7 +78,7 @@ def gather_dot(x, y, idx):
         pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=acc), g * (e - s) * r, g * n_src)
         out = torch.sparse.sampled_addmm(pattern, x[:, s:e].to(acc).reshape(-1, c), table, beta=0.0)
         chunks.append(out.values().view(g, e - s, r, m).transpose(2, 3).to(x.dtype))
-    return torch.cat(chunks, dim=1).contiguous()
+    return _joined(chunks).contiguous()
 
 
 @_no_autocast
@@ -89,4 +96,4 @@ def gather_sum(w, y, idx):
         values = w[:, s:e].to(acc).transpose(2, 3).reshape(-1)
         out = _csr(crow, cols, values, g * (e - s) * r, g * n_src) @ table
         chunks.append(out.view(g, e - s, r, c).to(w.dtype))
-    return torch.cat(chunks, dim=1)
+    return _joined(chunks)

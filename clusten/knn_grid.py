@@ -96,8 +96,12 @@ class _CellGrid:
         counts = torch.bincount(flat.reshape(-1), minlength=b * self.rows * self.cols)
         self.starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # cell t holds [starts[t], starts[t+1])
         self.max_count = int(counts.max())
-        self.index = order % n_db  # database index of each sorted point
-        self.x, self.y = db.reshape(-1, 2).index_select(0, order).t().contiguous()  # sorted positions
+        # database index and x, y of each sorted point, then a sentinel at infinity that the
+        # unused candidate slots read (index n_db, squared distance inf)
+        self.sentinel = order.numel()
+        self.index = torch.cat([order % n_db, order.new_full((1,), n_db)])
+        self.x, self.y = torch.cat([db.reshape(-1, 2).index_select(0, order), db.new_full((1, 2), math.inf)]).t()
+        self.x, self.y = self.x.contiguous(), self.y.contiguous()
         self.n_db = n_db
 
     def candidate_bound(self, radius):
@@ -119,12 +123,12 @@ class _CellGrid:
         length = torch.where(row_ok, end - begin, 0)
         width = max(1, int(length.max()))
         slot = torch.arange(width, device=q.device)
-        real = (slot < length[..., None]).view(nq, -1)
-        flat_slot = torch.where(real, (begin[..., None] + slot).view(nq, -1), 0).view(-1)
-        cand = torch.where(real, self.index.index_select(0, flat_slot).view(nq, -1), self.n_db)
+        real = slot < length[..., None]
+        flat_slot = torch.where(real, begin[..., None] + slot, self.sentinel).view(-1)
+        cand = self.index.index_select(0, flat_slot).view(nq, -1)
         dx = q[:, :1] - self.x.index_select(0, flat_slot).view(nq, -1)
         dy = q[:, 1:] - self.y.index_select(0, flat_slot).view(nq, -1)
-        sq = torch.where(real, dx * dx + dy * dy, math.inf)
+        sq = dx * dx + dy * dy
         if cand.shape[1] < k:
             pad = k - cand.shape[1]
             cand = torch.cat([cand, cand.new_full((nq, pad), self.n_db)], 1)
@@ -136,7 +140,7 @@ class _CellGrid:
         gap_low = torch.where(first > 0, q - block_low, math.inf)
         gap_high = torch.where(last < size - 1, block_high - q, math.inf)
         margin = torch.minimum(gap_low, gap_high).amin(1)
-        done = real.sum(1).ge(k) & (sq[:, k - 1] < margin * margin)
+        done = length.sum(1).ge(k) & (sq[:, k - 1] < margin * margin)
         return cand, sq, done
 
 
@@ -145,10 +149,24 @@ def _k_smallest(cand, sq, k):
 
     ``cand`` (int64) and ``sq`` (float64) are ``nq x L``, ``L >= k``, with distinct indices per row
     (padding excepted). The rule is ``k_smallest``'s with the candidates in index order, without
-    sorting them: every candidate below the k-th smallest distance is taken, then of those at
-    exactly that distance the ones of lowest index, until there are k.
+    sorting them: a row with exactly k candidates at or below its k-th smallest distance takes
+    those (topk's choice); the others take every candidate below it, then of those at exactly
+    that distance the ones of lowest index, until there are k.
     """
-    kth = sq.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
+    best_sq, best = sq.topk(k, dim=1, largest=False, sorted=True)
+    kth = best_sq[:, -1:]
+    tied_rows = ((sq <= kth).sum(1) > k).nonzero().squeeze(1)
+    if tied_rows.numel():
+        best[tied_rows] = _tie_rule(cand[tied_rows], sq[tied_rows], kth[tied_rows], k)
+    cand, sq = cand.gather(1, best), sq.gather(1, best)
+    cand, by_index = cand.sort(dim=1)  # then by distance, stable: ties in index order
+    sq, by_sq = sq.gather(1, by_index).sort(dim=1, stable=True)
+    return cand.gather(1, by_sq), sq
+
+
+def _tie_rule(cand, sq, kth, k):
+    """Slots of the k candidates of rows with more than k at or below their k-th distance ``kth``:
+    all below it, then the tied ones of lowest index."""
     below = sq < kth
     tied = sq == kth
     room = k - below.sum(1, keepdim=True)  # 1..k tied candidates still to take
@@ -156,8 +174,4 @@ def _k_smallest(cand, sq, k):
     limit = tied_index.topk(k, dim=1, largest=False, sorted=True).values.gather(1, room - 1)
     take = below | (tied & (cand <= limit))  # exactly k per row
     slot = torch.arange(cand.shape[1], device=cand.device)
-    chosen = torch.where(take, slot, slot + cand.shape[1]).topk(k, dim=1, largest=False, sorted=False).indices
-    cand, sq = cand.gather(1, chosen), sq.gather(1, chosen)
-    cand, by_index = cand.sort(dim=1)  # then by distance, stable: ties in index order
-    sq, by_sq = sq.gather(1, by_index).sort(dim=1, stable=True)
-    return cand.gather(1, by_sq), sq
+    return torch.where(take, slot, slot + cand.shape[1]).topk(k, dim=1, largest=False, sorted=False).indices

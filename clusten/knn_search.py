@@ -27,11 +27,12 @@ CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
 # Measured cost (seconds) of the two exact searches per device type: brute force per query x
 # database pair; the grid search (clusten.grid_knn, same results) per query and per call.
-# CPU (AFF-Tiny's searches at 512 x 512, 1-2 threads): brute force ~20 ns per pair, the grid
-# search ~5-10 us per query, so the grid pays once the database has more than ~500 points
-# (e.g. 256 decoder queries over the 16384 stride-4 pixels: 74 ms brute force, 2.6 ms grid;
-# 16384 pixels over 256 tokens: 89 ms brute force, 125 ms grid).
-SEARCH_COST = {"cpu": {"pair": 20e-9, "query": 10e-6, "call": 1.5e-3}}
+# CPU (AFF-Tiny's searches at 512 x 512, one thread): brute force ~20 ns per pair, the grid
+# search ~5-6 us per query, so the grid pays once the database has more than ~300 points
+# (e.g. 256 decoder queries over the 16384 stride-4 pixels: 86 ms brute force, 2.8 ms grid;
+# 16384 pixels over 256 tokens: 86 ms brute force, 76-100 ms grid; 4096 tokens over 512
+# cluster means: 46-56 ms brute force, 19 ms grid).
+SEARCH_COST = {"cpu": {"pair": 20e-9, "query": 6e-6, "call": 1.5e-3}}
 # devices without a measured cost: 2-D searches with more pairs than this go to the grid search
 GRID_SEARCH_PAIRS = 1 << 22
 SEARCH_ENV = "CLUSTEN_KNN"
