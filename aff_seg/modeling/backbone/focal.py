@@ -103,7 +103,8 @@ def focal_key_index(window_size, expand_size, focal_window, height, width, devic
     """
     w = window_size
     nwh, nww = height // w, width // w
-    wy, wx = torch.meshgrid(torch.arange(nwh), torch.arange(nww), indexing="ij")
+    window = torch.arange(nwh * nww)  # (row-major; no meshgrid of sizes that torch.export traces symbolically)
+    wy, wx = window // nww, window % nww
     top, left = (wy.reshape(-1, 1) * w), (wx.reshape(-1, 1) * w)  # nW x 1
     r, c = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
     columns = [(top + r.reshape(1, -1)) * width + left + c.reshape(1, -1)]
