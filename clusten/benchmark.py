@@ -3,6 +3,7 @@
     python -m clusten.benchmark --device cuda --dtype bfloat16 --json ops.json
     python -m clusten.benchmark --device cuda --sweep        # also time Triton tile sizes
     python -m clusten.benchmark --device cpu --small          # smoke run (numbers indicative only)
+    python -m clusten.benchmark --device cuda --ops knn --knn-size 4096 4096   # KNN at 1M queries
 
 Shape sets (AFF-Tiny: stage 1, 2 heads of 32 channels, 48 neighbours = 6 clusters of 8):
 ``512x512 b8`` (ADE20K crop) and ``1024x2048 b1`` (Cityscapes); ``--small``: ``64x64 b1``.
@@ -18,7 +19,8 @@ For each op, forward and forward + backward, on every backend that can run on th
 - ``reference attention`` (the chain with the bias given per neighbour, as the model's unfused
   path runs) and ``fused attention`` (:func:`clusten.cluster_attention`);
 - ``knn`` (forward only): every stride-4 pixel against the stage-2 tokens, k = 4, brute force
-  against the grid search (the table says whether they agree).
+  against the grid search (the table says whether they agree); ``--knn-size H W`` adds the search
+  of an H x W image (4096 x 4096: 1,048,576 queries against 262,144 tokens).
 
 Timing: after a warm-up call (which also builds the kernels), CUDA events around each call on
 a GPU, ``torch.utils.benchmark.Timer`` on the CPU; the median in milliseconds. Peak memory
@@ -161,8 +163,9 @@ def measure(fn, inputs, device, min_run_time, backward=True):
     return fwd, step, peak
 
 
-def run(device, dtype, small=False, ops=(), min_run_time=0.2):
-    """The table rows (dicts) for every shape set, op and backend that can run on ``device``."""
+def run(device, dtype, small=False, ops=(), min_run_time=0.2, knn_size=None):
+    """The table rows (dicts) for every shape set, op and backend that can run on ``device``, and
+    the KNN rows of a ``knn_size`` (height, width) image."""
     names = [name for name in backends.BACKENDS if name != "auto" and backends.can_run(name, device)]
     dtype_name = str(dtype).split(".")[-1]
     rows = []
@@ -180,12 +183,22 @@ def run(device, dtype, small=False, ops=(), min_run_time=0.2):
                 rows.append(dict(shapes=shapes, op=op, backend=name, dtype=dtype_name, fwd_ms=fwd, fwd_bwd_ms=step,
                                  peak_mib=peak))
         if not ops or "knn" in ops:
-            pixels, tokens = knn_case(height, width, batch, device)
-            same = torch.equal(brute_force_knn(pixels, tokens, 4), grid_knn(pixels, tokens, 4))
-            for search, fn in (("brute force", brute_force_knn), ("grid", grid_knn)):
-                fwd, _, _ = measure(lambda **a: fn(pixels, tokens, 4), {}, device, min_run_time, backward=False)
-                rows.append(dict(shapes=shapes, op=f"knn ({search})", backend="torch", dtype="float32", fwd_ms=fwd,
-                                 fwd_bwd_ms=None, peak_mib=None, identical=same))
+            rows += knn_rows(shapes, height, width, batch, device, min_run_time)
+    if knn_size:
+        height, width = knn_size
+        rows += knn_rows(f"{height}x{width} b1", height, width, 1, device, min_run_time)
+    return rows
+
+
+def knn_rows(shapes, height, width, batch, device, min_run_time):
+    """Brute-force and grid KNN rows (forward only) of ``knn_case``, with whether they agree."""
+    pixels, tokens = knn_case(height, width, batch, device)
+    same = torch.equal(brute_force_knn(pixels, tokens, 4), grid_knn(pixels, tokens, 4))
+    rows = []
+    for search, fn in (("brute force", brute_force_knn), ("grid", grid_knn)):
+        fwd, _, _ = measure(lambda **a: fn(pixels, tokens, 4), {}, device, min_run_time, backward=False)
+        rows.append(dict(shapes=shapes, op=f"knn ({search})", backend="torch", dtype="float32", fwd_ms=fwd,
+                         fwd_bwd_ms=None, peak_mib=None, identical=same))
     return rows
 
 
@@ -231,11 +244,13 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="64x64 batch 1 instead of the AFF-Tiny shape sets")
     parser.add_argument("--ops", nargs="*", default=[], help="subset of the ops (names as in the table; 'knn')")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timed calls per measurement")
+    parser.add_argument("--knn-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="also time the KNN search of an H x W image (4096 4096: 1M queries)")
     parser.add_argument("--sweep", action="store_true", help="also time Triton tile configurations (CUDA)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = run(device, DTYPES[args.dtype], args.small, args.ops, args.min_run_time)
+    rows = run(device, DTYPES[args.dtype], args.small, args.ops, args.min_run_time, args.knn_size)
     print(format_table(rows))
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -23,6 +23,13 @@ from . import reference
 from .reference import accumulate_dtype, query_chunks
 
 CHUNK_ENTRIES = 1 << 22  # sparse entries per chunk of queries (index + value: 48 MiB)
+# ``gather_sum`` with at most this many neighbours per query runs ``torch.sparse.mm(..., "sum")``
+# (a row-by-row sum straight into the output) instead of ``S @ y`` (whose CPU path zeroes the
+# output and copies it, a cost that dominates when the rows are short). Measured on one thread:
+# pixel decoder PointConv (16384 x 4 rows of 9 entries, 256 channels) 109 -> 77 ms, Shepard
+# interpolation (4 entries) 16.5 -> 12.9 ms, identical results; with 48 entries per row
+# (attention) ``S @ y`` is 1.3-1.6x faster.
+ROW_SUM_MAX_ENTRIES = 16
 
 
 def _pattern(idx, groups, n_src, r):
@@ -94,6 +101,7 @@ def gather_sum(w, y, idx):
     for s, e in query_chunks(n, g * r * m, CHUNK_ENTRIES):
         crow, cols = _pattern(idx[:, s:e], g, n_src, r)
         values = w[:, s:e].to(acc).transpose(2, 3).reshape(-1)
-        out = _csr(crow, cols, values, g * (e - s) * r, g * n_src) @ table
+        matrix = _csr(crow, cols, values, g * (e - s) * r, g * n_src)
+        out = torch.sparse.mm(matrix, table, "sum") if m <= ROW_SUM_MAX_ENTRIES else matrix @ table
         chunks.append(out.view(g, e - s, r, c).to(w.dtype))
     return _joined(chunks)

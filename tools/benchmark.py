@@ -79,12 +79,15 @@ def time_iterations(step, batches, warmup, iters, device):
         device: where the model runs: CUDA events there, ``perf_counter`` on the CPU.
 
     Returns:
-        (seconds, peak_memory_mib): the duration of each timed iteration, and the peak
-        memory during the timed iterations (see the module docstring).
+        (seconds, peak_memory_mib, warmup_seconds): the duration of each timed iteration, the
+        peak memory during the timed iterations (see the module docstring), and the duration of
+        the warm-up (with ``--compile``: mostly the compilation).
     """
+    start = time.perf_counter()
     for _ in range(warmup):
         step(next(batches))
     _synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     seconds = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -104,13 +107,14 @@ def time_iterations(step, batches, warmup, iters, device):
             step(batch)
             seconds.append(time.perf_counter() - start)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-    return seconds, peak
+    return seconds, peak, warmup_seconds
 
 
-def summarize(seconds, images_per_iter, peak_memory_mib):
+def summarize(seconds, images_per_iter, peak_memory_mib, warmup_seconds):
     """Throughput and latency statistics of the timed iterations."""
     ms = np.array(seconds) * 1e3
     return {
+        "warmup_s": warmup_seconds,
         "iterations": len(seconds),
         "images_per_iter": images_per_iter,
         "images_per_s": images_per_iter * len(seconds) / float(np.sum(seconds)),
@@ -182,8 +186,8 @@ def benchmark_inference(model, cfg, batches, warmup, iters, batch_size):
         with torch.no_grad(), torch.autocast(model.device.type, dtype=amp_dtype, enabled=cfg.SOLVER.AMP.ENABLED):
             model(batch)
 
-    seconds, peak = time_iterations(step, batches, warmup, iters, model.device)
-    return summarize(seconds, batch_size, peak)
+    seconds, peak, warmup_seconds = time_iterations(step, batches, warmup, iters, model.device)
+    return summarize(seconds, batch_size, peak, warmup_seconds)
 
 
 def benchmark_training(model, cfg, batches, warmup, iters, batch_size):
@@ -200,8 +204,8 @@ def benchmark_training(model, cfg, batches, warmup, iters, batch_size):
         loss.backward()
         optimizer.step()
 
-    seconds, peak = time_iterations(step, batches, warmup, iters, model.device)
-    return summarize(seconds, batch_size, peak)
+    seconds, peak, warmup_seconds = time_iterations(step, batches, warmup, iters, model.device)
+    return summarize(seconds, batch_size, peak, warmup_seconds)
 
 
 def run(cfg, tasks, input_size=None, dataset_images=False, batch_size=1, warmup=3, iters=20):
@@ -309,9 +313,9 @@ def table(result, tasks):
         rows.append(
             [task, f"{r['images_per_s']:.2f}", f"{lat['mean']:.1f}"]
             + [f"{lat[f'p{p}']:.1f}" for p in PERCENTILES]
-            + [f"{r['peak_memory_mib']:.0f}"]
+            + [f"{r['peak_memory_mib']:.0f}", f"{r['warmup_s']:.1f}"]
         )
-    headers = ["task", "img/s", "mean ms"] + [f"p{p} ms" for p in PERCENTILES] + ["peak MiB"]
+    headers = ["task", "img/s", "mean ms"] + [f"p{p} ms" for p in PERCENTILES] + ["peak MiB", "warm-up s"]
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 
@@ -372,6 +376,7 @@ def compare(contenders, tasks, opts, input_size=None, batch_size=1, warmup=3, it
                 "images_per_s": float(np.median(ips)), "latency_ms": float(np.median(lat)),
                 "latency_ms_min": float(min(lat)), "latency_ms_max": float(max(lat)),
                 "peak_memory_mib": float(max(r[task]["peak_memory_mib"] for r in reps)),
+                "warmup_s": float(np.median([r[task]["warmup_s"] for r in reps])),
             }
         result["contenders"][contender] = entry
     first = result["contenders"][contenders[0]]
@@ -388,8 +393,8 @@ def compare_table(result, tasks):
             r = entry[task]
             rows.append([contender, task, f"{r['images_per_s']:.2f}", f"{r['latency_ms']:.1f}",
                          f"{r['latency_ms_min']:.1f}-{r['latency_ms_max']:.1f}", f"{r['ratio']:.2f}",
-                         f"{r['peak_memory_mib']:.0f}"])
-    headers = ["contender", "task", "img/s", "median ms", "spread ms", "x first", "peak MiB"]
+                         f"{r['peak_memory_mib']:.0f}", f"{r['warmup_s']:.1f}"])
+    headers = ["contender", "task", "img/s", "median ms", "spread ms", "x first", "peak MiB", "warm-up s"]
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 

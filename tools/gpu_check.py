@@ -7,8 +7,11 @@ Steps (each with its own time limit; a failing step is recorded and the next one
 2. ``cuda_tests``: every test marked ``cuda`` (kernels against their PyTorch references in
    float32/float16/bfloat16, forward and backward, deterministic repeats, no host sync);
 3. ``op_benchmark``: ``python -m clusten.benchmark`` (every op, the fused attention against the
-   original's unfused chain, at AFF-Tiny shapes; brute-force against grid KNN), bf16;
-4. ``model_benchmark``: ``tools/benchmark.py --compare`` of AFF-Tiny (ADE20K, 512x512) our way
+   original's unfused chain, at AFF-Tiny shapes: forward, forward + backward, peak memory;
+   brute-force against grid KNN), bf16;
+4. ``knn_1m``: brute-force against grid KNN at 1,048,576 queries (the stride-4 pixels of a
+   4096 x 4096 image);
+5. ``model_benchmark``: ``tools/benchmark.py --compare`` of AFF-Tiny (ADE20K, 512x512) our way
    and the original's way (and grid Mask2Former Swin-T where its config exists), inference and
    training, batch 1 and 8, bf16 autocast.
 
@@ -30,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADE_TINY = "configs/ade20k/semantic-segmentation/aff/maskformer2_aff_tiny_bs32_80k.yaml"
 M2F_SWIN_TINY = "configs/ade20k/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml"
 SYNTHETIC = "configs/synthetic/ade20k_semantic.yaml"
+SYNTHETIC_GRID = "configs/synthetic/ade20k_semantic_grid.yaml"  # stands in for the grid Mask2Former
 OUTPUT_TAIL = 4000  # characters of each step's output kept in the json
 
 
@@ -39,7 +43,8 @@ def steps(dry_run, python):
         build = [python, "-c", "import clusten.build as b; print('CUDA_HOME', b.cuda_home())"]
         tests = [python, "-m", "pytest", "-q", "-m", "cuda", "tests/clusten", "tests/modeling/backbone"]
         ops = [python, "-m", "clusten.benchmark", "--device", "cpu", "--small", "--min-run-time", "0.01"]
-        contenders = [SYNTHETIC, SYNTHETIC + "@original"]
+        knn = ops + ["--knn-size", "128", "128"]
+        contenders = [SYNTHETIC, SYNTHETIC + "@original", SYNTHETIC_GRID]
         model_args = ["--input-size", "64", "64", "--warmup", "0", "--iters", "1", "--repeats", "1",
                       "--threads", "1"]
         batch_sizes = (1,)
@@ -47,13 +52,16 @@ def steps(dry_run, python):
         build = [python, "-c", "import clusten.build as b; b.load_extension(verbose=True); print('built')"]
         tests = [python, "-m", "pytest", "-q", "-m", "cuda", "tests"]
         ops = [python, "-m", "clusten.benchmark", "--device", "cuda", "--dtype", "bfloat16"]
+        knn = [python, "-m", "clusten.benchmark", "--device", "cuda", "--min-run-time", "0.06",
+               "--knn-size", "4096", "4096"]
         contenders = [ADE_TINY, ADE_TINY + "@original"]
         if os.path.isfile(os.path.join(ROOT, M2F_SWIN_TINY)):
             contenders.append(M2F_SWIN_TINY)
         model_args = ["--input-size", "512", "512", "--warmup", "3", "--iters", "10", "--repeats", "2"]
         batch_sizes = (1, 8)
     plan = [("build", build, 420, None), ("cuda_tests", tests, 300, None),
-            ("op_benchmark", ops + ["--json", "op_benchmark.json"], 180, "op_benchmark.json")]
+            ("op_benchmark", ops + ["--json", "op_benchmark.json"], 180, "op_benchmark.json"),
+            ("knn_1m", knn + ["--ops", "knn", "--json", "knn_1m.json"], 180, "knn_1m.json")]
     for batch in batch_sizes:
         json_name = f"model_benchmark_b{batch}.json"
         command = [python, "tools/benchmark.py", "--compare", *contenders, "--tasks", "inference", "train",
@@ -91,8 +99,8 @@ def markdown(report):
              "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['status']} | {r['seconds']} |" for r in report["steps"]]
     for r in report["steps"]:
-        if r["name"] == "op_benchmark":
-            lines += ["", "## op benchmark", "", "```", r["output_tail"].strip(), "```"]
+        if r["name"] in ("op_benchmark", "knn_1m"):
+            lines += ["", f"## {r['name']}", "", "```", r["output_tail"].strip(), "```"]
         if "result" in r and "contenders" in r["result"]:
             lines += ["", f"## {r['name']}", "", "| contender | task | img/s | median ms | x first | peak MiB |",
                       "|---|---|---|---|---|---|"]

@@ -145,11 +145,11 @@ def onnx_translations():
 
 def _valid_sizes(backbone, example_size, lo, hi, div):
     """For each input height ``lo..hi`` (step ``div``): the [min, max] width whose sizes take the
-    example's branches (global or local attention per stage), or None."""
-    pattern = backbone.global_attention(*example_size)
+    example's branches (``AFF.size_branches``), or None."""
+    pattern = backbone.size_branches(*example_size)
     table = {}
     for height in range(lo, hi + 1, div):
-        widths = [w for w in range(lo, hi + 1, div) if backbone.global_attention(height, w) == pattern]
+        widths = [w for w in range(lo, hi + 1, div) if backbone.size_branches(height, w) == pattern]
         table[str(height)] = [min(widths), max(widths)] if widths else None
     return table
 
@@ -175,7 +175,7 @@ def export_program(model, cfg, example_size=(256, 256), config_file=""):
         model: the eager model; cfg: its config.
         example_size: (H, W) of the example input, multiples of the size divisibility; the
             graph is exact at every size that takes the same branches as the example (AFF:
-            global or local attention per stage): the settings record the range and, for AFF,
+            ``AFF.size_branches``): the settings record the range and, for AFF,
             per height the widths that do (``valid_widths``).
         config_file: recorded in the settings.
     Returns:
@@ -214,7 +214,7 @@ def export_program(model, cfg, example_size=(256, 256), config_file=""):
         "outputs": list(graph.output_names),
         "postprocess": graph.postprocess,
     }
-    if hasattr(model.backbone, "global_attention"):  # AFF: the sizes that take the example's branches
+    if hasattr(model.backbone, "size_branches"):  # AFF: the sizes that take the example's branches
         settings["input"]["valid_widths"] = _valid_sizes(model.backbone, example_size, min_size, max_size, div)
     return program, settings
 
@@ -230,9 +230,12 @@ def save(program, settings, output_dir, fmt):
     if fmt == "torch_export":
         torch.export.save(program, path)
     else:
+        # optimize=False: onnxscript's optimizer drops an Add of a constant within 1e-8 of zero as a
+        # no-op (onnxscript 0.7), which removes the 1e-11 of the Shepard weights 1 / (d^2p + 1e-11)
+        # and gives inf/NaN where a sample sits on a token; ONNX Runtime optimises the graph itself
         onnx_program = torch.onnx.export(
             program, dynamo=True, input_names=["image"], output_names=settings["outputs"],
-            custom_translation_table=onnx_translations(), verbose=False,
+            custom_translation_table=onnx_translations(), optimize=False, verbose=False,
         )
         onnx_program.save(path)
     with open(os.path.join(output_dir, runtime.SETTINGS_FILE), "w") as f:

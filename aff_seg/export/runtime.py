@@ -226,7 +226,8 @@ class ExportedModel:
             example = "x".join(str(s) for s in inp["example_size"])
             raise ValueError(
                 f"input size {h} x {w} is outside the exported range: the graph exported at {example} takes other "
-                f"branches (global/local attention per stage) there; allowed widths for height {h}: {widths}")
+                f"branches (global or local attention, a single reserved token per stage) there; allowed widths "
+                f"for height {h}: {widths}")
 
     def raw(self, image):
         """Normalised, padded ``1 x C x H x W`` float32 -> dict of the graph outputs (``outputs``)."""

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-__all__ = ["image_generators", "image_rand"]
+__all__ = ["image_generators", "image_rand", "images_rand"]
 
 _images = None  # inside image_generators: per image, (seed, {device: Generator})
 
@@ -44,3 +44,12 @@ def image_rand(index, *size, device=None):
     if device not in generators:
         generators[device] = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(*size, device=device, generator=generators[device])
+
+
+def images_rand(count, *size, device=None):
+    """``count x *size``: row i is ``image_rand(i, *size, device=device)``.  One draw when the
+    inputs have no generators (global RNG); with them, one draw per image from its own
+    generator, which is what keeps an image's numbers independent of its batch."""
+    if _images is None:
+        return torch.rand(count, *size, device=device)
+    return torch.cat([image_rand(i, 1, *size, device=device) for i in range(count)])

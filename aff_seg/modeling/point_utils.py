@@ -45,8 +45,10 @@ def grid_positions(h, w, batch, device):
 SHEPARD_EPS = 1e-11
 # without autograd, token-wise work runs on at most this many tokens at a time, so that its
 # temporaries stay bounded for large images (4096 x 4096: a million stride-4 tokens; e.g. the
-# ``n x inner_ch x c`` PointConv intermediate of the pixel decoder would be 4 GB)
-INFERENCE_CHUNK = 1 << 16
+# ``n x inner_ch x c`` PointConv intermediate of the pixel decoder would be 4 GB, and the
+# deformable encoder's sampling indices and weights take over 10 kB per query). 2^14: the
+# stride-4 tokens of a 512 x 512 image run in one piece.
+INFERENCE_CHUNK = 1 << 14
 
 
 def inference_chunks(n):

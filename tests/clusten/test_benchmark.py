@@ -12,10 +12,12 @@ from clusten import benchmark
 def test_small_cpu_run_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     benchmark.main(["--device", "cpu", "--small", "--min-run-time", "0", "--ops", "clusten_av", "knn",
-                    "--json", str(path)])
+                    "--knn-size", "96", "128", "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["op"], r["backend"]) for r in rows] == [
-        ("clusten_av", "torch"), ("knn (brute force)", "torch"), ("knn (grid)", "torch")]
+    assert [(r["shapes"], r["op"], r["backend"]) for r in rows] == [
+        ("64x64 b1", "clusten_av", "torch"), ("64x64 b1", "knn (brute force)", "torch"),
+        ("64x64 b1", "knn (grid)", "torch"), ("96x128 b1", "knn (brute force)", "torch"),
+        ("96x128 b1", "knn (grid)", "torch")]
     assert rows[0]["dtype"] == "float32" and rows[0]["fwd_ms"] > 0 and rows[0]["fwd_bwd_ms"] > 0
     assert all(r["identical"] for r in rows[1:])
     assert "clusten_av" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 from aff_seg.modeling import criterion as criterion_module
 from aff_seg.modeling.backbone.attention import DropPath
 from aff_seg.modeling.criterion import SetCriterion
-from aff_seg.modeling.image_rng import image_generators, image_rand
+from aff_seg.modeling.image_rng import image_generators, image_rand, images_rand
 from aff_seg.modeling.matcher import HungarianMatcher
 
 SEEDS = [11, 23, 5]
@@ -22,6 +22,20 @@ def test_an_image_draws_the_same_numbers_alone_or_in_a_batch():
     with image_generators([{"seed": SEEDS[0]}]):
         with pytest.raises(ValueError, match="image 1 of a batch of 1"):
             image_rand(1, 2)
+
+
+def test_images_rand_draws_row_i_as_image_i():
+    with image_generators([{"seed": s} for s in SEEDS]):
+        rows = images_rand(3, 2)
+    for i, seed in enumerate(SEEDS):
+        with image_generators([{"seed": seed}]):
+            torch.testing.assert_close(image_rand(0, 2), rows[i], rtol=0, atol=0)
+    # without seeds: one draw from the global RNG, the numbers of one draw per image
+    torch.manual_seed(0)
+    one_draw = images_rand(3, 2)
+    torch.manual_seed(0)
+    torch.testing.assert_close(one_draw, torch.stack([image_rand(i, 2) for i in range(3)]), rtol=0, atol=0)
+    assert len(one_draw.unique()) == 6
 
 
 def test_drop_path_of_an_image_does_not_depend_on_its_batch():

@@ -14,7 +14,7 @@ def test_tiny_config_on_cpu_writes_valid_json(benchmark, tiny_config, tmp_path, 
     assert result["inputs"] == "random 64x64"
     for task in ("inference", "train"):
         r = result[task]
-        assert r["iterations"] == 2 and r["images_per_s"] > 0 and r["peak_memory_mib"] > 0
+        assert r["iterations"] == 2 and r["images_per_s"] > 0 and r["peak_memory_mib"] > 0 and r["warmup_s"] > 0
         lat = r["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
     assert "| inference |" in capsys.readouterr().out
@@ -26,8 +26,8 @@ def test_help_describes_the_tool_in_full(benchmark):
 
 
 def test_summarize(benchmark):
-    r = benchmark.summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5)
-    assert r["images_per_s"] == 4 / 0.4
+    r = benchmark.summarize([0.1, 0.3], images_per_iter=2, peak_memory_mib=5, warmup_seconds=1.5)
+    assert r["images_per_s"] == 4 / 0.4 and r["warmup_s"] == 1.5
     assert r["latency_ms"]["p50"] == 200
 
 
@@ -41,7 +41,7 @@ def test_original_execution_runs_fp32_unfused_with_brute_force_knn(benchmark, ti
     def spy(cfg, *args, **kwargs):
         seen.update(amp=cfg.SOLVER.AMP.ENABLED, fused=cfg.MODEL.AFF.FUSED_ATTENTION,
                     knn=clusten.get_knn_method())
-        return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
+        return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0, 0.5)}
 
     monkeypatch.setattr(benchmark, "run", spy)
     monkeypatch.setattr(knn_search.METHOD, "value", "auto")  # restored after the test

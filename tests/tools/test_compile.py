@@ -50,7 +50,7 @@ def test_benchmark_compile_option(benchmark, tiny_config, monkeypatch):
 
     def spy(cfg, tasks, **kwargs):
         seen.append(cfg.TEST.COMPILE)
-        return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0)}
+        return {"config": {}, "inference": benchmark.summarize([0.1], 1, 1.0, 0.5)}
 
     monkeypatch.setattr(benchmark, "run", spy)
     benchmark.main(["--tasks", "inference", "--compile", "--config-file", config, *opts])

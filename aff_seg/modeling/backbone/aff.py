@@ -228,15 +228,19 @@ class AFF(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim[i]))
 
-    def global_attention(self, height, width):
-        """Which stages attend globally (``nbhd_size >= n``) for a ``height x width`` input: the
-        branches an exported graph is fixed to (a list of bool, one per stage)."""
+    def size_branches(self, height, width):
+        """The input-size dependent branches an exported graph is fixed to, for a ``height x width``
+        input: per stage, whether it attends globally (``nbhd_size >= n``) and whether its
+        downsampling reserves a single grid token (a size-1 dimension, which an export traced at
+        more specialises). A list of (bool, bool), one per stage."""
         h, w = -(-height // PATCH_SIZE), -(-width // PATCH_SIZE)
         n, out = h * w, []
         for i, stage in enumerate(self.layers):
-            out.append(stage.nbhd_size >= n)
+            reserve = 0
+            if stage.downsample is not None and stage.downsample.reserve_on:
+                reserve = reserve_count(h, w, 2 ** (i + 1))
+            out.append((stage.nbhd_size >= n, reserve == 1))
             if stage.downsample is not None:
-                reserve = reserve_count(h, w, 2 ** (i + 1)) if stage.downsample.reserve_on else 0
                 n = merge_count(n, stage.downsample.ds_rate, reserve)
         return out
 

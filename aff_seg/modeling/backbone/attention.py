@@ -12,7 +12,7 @@ from torch import nn
 import clusten
 from ..point_utils import over_token_chunks
 
-from ..image_rng import image_rand
+from ..image_rng import images_rand
 
 __all__ = ["neighbourhood_attention", "ClusterAttention", "ClusterTransformerBlock", "Mlp", "DropPath"]
 
@@ -82,10 +82,16 @@ class ClusterAttention(nn.Module):
         return self.attend(feat, *self.keys_values(feat), nbhd_idx, nbhd_valid, rel_features)
 
     def keys_values(self, feat):
-        """``feat`` b x n x C -> the keys and values ``b x h x n x C/h`` of all tokens (contiguous)."""
+        """``feat`` b x n x C -> the keys and values ``b x h x n x C/h`` of all tokens.
+
+        Views of one projection, except in CPU inference: there the unfused chain reads them
+        once per chunk of queries and would copy a strided view each time, so they are made
+        contiguous once here."""
         b, n, c = feat.shape
         kv = self.kv(feat).reshape(b, n, self.num_heads, 2, c // self.num_heads).permute(3, 0, 2, 1, 4)
-        return kv[0].contiguous(), kv[1].contiguous()
+        if feat.device.type == "cpu" and not torch.is_grad_enabled():
+            return kv[0].contiguous(), kv[1].contiguous()
+        return kv[0], kv[1]
 
     def attend(self, feat, key, value, nbhd_idx, nbhd_valid, rel_features):
         """The attention output of the query tokens ``feat`` (b x q x C) over the keys and values of
@@ -122,7 +128,7 @@ class Mlp(nn.Module):
 
 class DropPath(nn.Module):
     """Stochastic depth: in training, zero an image's residual branch with probability p (``x``:
-    ``b x ...``, one image per row; each image draws from its own generator, ``image_rand``)."""
+    ``b x ...``, one image per row; each image draws from its own generator, ``images_rand``)."""
 
     def __init__(self, p=0.0):
         super().__init__()
@@ -132,7 +138,7 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        draws = torch.cat([image_rand(i, 1, device=x.device) for i in range(x.shape[0])])
+        draws = images_rand(x.shape[0], device=x.device)
         mask = (draws < keep).to(x.dtype).view((x.shape[0],) + (1,) * (x.dim() - 1))
         return x * mask / keep
 

@@ -114,4 +114,7 @@ class ClusterMerging(PointConv):
 
 def reserve_count(h, w, stride):
     """Tokens of the ``h x w`` canvas on the reserved grid (x, y multiples of 2*stride)."""
-    return -(-h // (2 * stride)) * -(-w // (2 * stride))
+    # ceil division without negative operands: the ONNX export turns a symbolic floor division
+    # into a truncating Div, so that -(-h // s) would round down there
+    s = 2 * stride
+    return (h + s - 1) // s * ((w + s - 1) // s)

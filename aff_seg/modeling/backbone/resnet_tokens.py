@@ -53,7 +53,8 @@ class MapsAsTokens:
 
     def forward(self, x):
         """x: ``b x 3 x H x W`` -> dict of tokens, positions and grid shape per level."""
-        grid_shape = (-(-x.shape[-2] // _GRID_STRIDE), -(-x.shape[-1] // _GRID_STRIDE))
+        s = _GRID_STRIDE  # ceil division without negative operands (exported sizes, see merging.reserve_count)
+        grid_shape = ((x.shape[-2] + s - 1) // s, (x.shape[-1] + s - 1) // s)
         out = {}
         for name, feature in self.dense_maps(x).items():
             tokens, pos = grid_tokens(feature, self._out_feature_strides[name])

@@ -148,7 +148,8 @@ class BasicLayer(nn.Module):
         """``nW x ws*ws x ws*ws``: -100 between positions that the cyclic shift brought from
         different regions of the padded map, 0 elsewhere."""
         ws, shift = self.window_size, self.shift_size
-        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+        # ceil division without negative operands (exported sizes, see merging.reserve_count)
+        hp, wp = (h + ws - 1) // ws * ws, (w + ws - 1) // ws * ws
         region = torch.zeros((1, hp, wp, 1), device=device)
         bounds = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
         for i, hs in enumerate(bounds):
