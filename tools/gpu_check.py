@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """One-shot check of a machine with a CUDA GPU: build, correctness, speed, one report.
 
-Steps (each with its own time limit; a failing step is recorded and the next one runs):
+Steps (each with its own time limit, all of them within ``--budget`` seconds, 8 minutes by default;
+a failing step is recorded and the next one runs; a step the budget leaves no time for is recorded
+as skipped):
 
 1. ``build``: compile and load the clusten CUDA extension;
 2. ``cuda_tests``: every test marked ``cuda`` (kernels against their PyTorch references in
@@ -35,6 +37,7 @@ M2F_SWIN_TINY = "configs/ade20k/semantic-segmentation/swin/maskformer2_swin_tiny
 SYNTHETIC = "configs/synthetic/ade20k_semantic.yaml"
 SYNTHETIC_GRID = "configs/synthetic/ade20k_semantic_grid.yaml"  # stands in for the grid Mask2Former
 OUTPUT_TAIL = 4000  # characters of each step's output kept in the json
+BUDGET_S = 480  # the whole check, so that it fits one short call on a lent GPU machine
 
 
 def steps(dry_run, python):
@@ -59,22 +62,26 @@ def steps(dry_run, python):
             contenders.append(M2F_SWIN_TINY)
         model_args = ["--input-size", "512", "512", "--warmup", "3", "--iters", "10", "--repeats", "2"]
         batch_sizes = (1, 8)
-    plan = [("build", build, 420, None), ("cuda_tests", tests, 300, None),
-            ("op_benchmark", ops + ["--json", "op_benchmark.json"], 180, "op_benchmark.json"),
-            ("knn_1m", knn + ["--ops", "knn", "--json", "knn_1m.json"], 180, "knn_1m.json")]
+    plan = [("build", build, 240, None), ("cuda_tests", tests, 150, None),
+            ("op_benchmark", ops + ["--json", "op_benchmark.json"], 90, "op_benchmark.json"),
+            ("knn_1m", knn + ["--ops", "knn", "--json", "knn_1m.json"], 45, "knn_1m.json")]
     for batch in batch_sizes:
         json_name = f"model_benchmark_b{batch}.json"
         command = [python, "tools/benchmark.py", "--compare", *contenders, "--tasks", "inference", "train",
                    "--batch-size", str(batch), *model_args, "--json", json_name, "MODEL.WEIGHTS", ""]
         if not dry_run:
             command += ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
-        plan.append((f"model_benchmark_b{batch}", command, 300, json_name))
+        plan.append((f"model_benchmark_b{batch}", command, 120, json_name))
     return plan
 
 
 def run_step(name, command, limit, json_name, out_dir):
-    """Run one step from the repository root; returns its record."""
+    """Run one step from the repository root; returns its record. ``limit`` <= 0: skipped."""
     start = time.perf_counter()
+    if limit <= 0:
+        print(f"[gpu_check] {name}: skipped (the budget is spent)", flush=True)
+        return {"name": name, "command": " ".join(command), "status": "skipped: the budget is spent",
+                "seconds": 0.0, "output_tail": ""}
     if json_name:
         command = [os.path.join(out_dir, json_name) if c == json_name else c for c in command]
     try:
@@ -117,6 +124,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="One-shot build, correctness and speed check on a CUDA GPU.")
     parser.add_argument("--dry-run", action="store_true", help="every step at toy sizes on the CPU")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"), help="report folder (default $OUT)")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help=f"seconds for all steps together (default {BUDGET_S})")
     args = parser.parse_args(argv)
     import torch
 
@@ -125,7 +134,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     report = {"dry_run": args.dry_run, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "steps": []}
+    deadline = time.perf_counter() + args.budget
     for name, command, limit, json_name in steps(args.dry_run, sys.executable):
+        limit = int(min(limit, deadline - time.perf_counter()))
         report["steps"].append(run_step(name, command, limit, json_name, os.path.abspath(args.out)))
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:  # kept current if the run is cut off
             json.dump(report, f, indent=2)

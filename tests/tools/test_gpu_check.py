@@ -13,7 +13,8 @@ from .conftest import ROOT, import_script
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "report"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--dry-run", "--out", str(out)],
+    done = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--dry-run", "--out", str(out),
+                           "--budget", "900"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
@@ -50,6 +51,18 @@ def test_the_full_run_covers_every_measurement_of_the_check():
         assert f"--tasks inference train --batch-size {batch} --input-size 512 512" in line
         assert "SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16" in line
     assert all(os.path.isfile(os.path.join(ROOT, c)) for c in (gpu_check.ADE_TINY, gpu_check.M2F_SWIN_TINY))
+
+
+def test_a_spent_budget_skips_the_remaining_steps_and_still_reports(tmp_path):
+    """The check stops starting steps when its --budget (8 minutes by default) is spent."""
+    gpu_check = import_script("tools", "gpu_check")
+    assert gpu_check.BUDGET_S == 8 * 60
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--dry-run",
+                           "--budget", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["skipped: the budget is spent"] * 5
+    assert "| build | skipped: the budget is spent |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_refuses_a_full_run_without_a_gpu(tmp_path):
