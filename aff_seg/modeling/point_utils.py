@@ -146,17 +146,20 @@ class PointConv(nn.Module):
         return self.linear(self.norm(merged))
 
 
-def shepard_weights(dist2, power, eps=SHEPARD_EPS):
+def shepard_weights(dist2, power, eps=SHEPARD_EPS, valid=None):
     """Normalised Shepard weights ``u_q / sum u`` with ``u_q = 1 / ((d_q^2)^power + eps)``.
 
     Args:
         dist2: ``... x k`` squared distances.
         power: float or tensor broadcastable to ``dist2`` (the exponent on the *squared*
             distance, so ``power=3`` means weights ~ d^-6).
+        valid: ``... x k`` bool or None; False slots get ``u = 0`` (weight 0).
     Returns:
         ``... x k`` weights summing to 1 over the last dim.
     """
     u = 1.0 / (dist2.pow(power) + eps)
+    if valid is not None:
+        u = torch.where(valid, u, 0.0)
     return u / u.sum(dim=-1, keepdim=True)
 
 

@@ -25,6 +25,7 @@ from aff_seg.modeling.point_utils import shepard_weights
 from detectron2.modeling import build_model
 
 from ..tools.conftest import ROOT, import_script
+from .helpers import assert_same_panoptic_and_instances
 
 # semantic, panoptic and instance results (TEST.SEMANTIC_ON / PANOPTIC_ON / INSTANCE_ON)
 COCO_PANOPTIC = os.path.join(ROOT, "configs/coco/panoptic-segmentation/aff/maskformer2_aff_tiny_bs64_50ep.yaml")
@@ -185,14 +186,7 @@ def test_panoptic_and_instance_results_match_eager(exported, fmt, monkeypatch):
     with torch.no_grad():
         eager = model([{"image": image}])[0]
     assert sorted(ours) == sorted(eager) == ["instances", "panoptic_seg", "sem_seg"]
-    (ids, segments), (eager_ids, eager_segments) = ours["panoptic_seg"], eager["panoptic_seg"]
-    assert segments and segments == eager_segments
-    assert (ids == eager_ids).float().mean() >= 0.999
-    inst, eager_inst = ours["instances"], eager["instances"]
-    assert len(inst) == len(eager_inst) > 0
-    assert torch.equal(inst.pred_classes, eager_inst.pred_classes)
-    torch.testing.assert_close(inst.scores, eager_inst.scores, atol=1e-4, rtol=0)
-    assert (inst.pred_masks == eager_inst.pred_masks).float().mean() >= 0.999
+    assert_same_panoptic_and_instances(ours, eager)
 
 
 @pytest.mark.slow

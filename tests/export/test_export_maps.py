@@ -20,6 +20,7 @@ from detectron2.data import Metadata
 from detectron2.modeling import build_model
 
 from ..tools.conftest import ROOT, import_script
+from .helpers import assert_same_panoptic_and_instances
 
 EXAMPLE = (128, 128)
 # multiples of 32 that differ from the example; at 256 x 320 FASeg's high-resolution layer
@@ -143,14 +144,7 @@ def test_panoptic_and_instance_results_from_the_exported_outputs(exported, monke
     ours = deployed([{"image": image}])[0]
     with torch.no_grad():
         eager = model([{"image": image}])[0]
-    (ids, segments), (eager_ids, eager_segments) = ours["panoptic_seg"], eager["panoptic_seg"]
-    assert segments and segments == eager_segments
-    assert (ids == eager_ids).float().mean() >= 0.999
-    inst, eager_inst = ours["instances"], eager["instances"]
-    assert len(inst) == len(eager_inst) > 0
-    assert torch.equal(inst.pred_classes, eager_inst.pred_classes)
-    torch.testing.assert_close(inst.scores, eager_inst.scores, atol=1e-4, rtol=0)
-    assert (inst.pred_masks == eager_inst.pred_masks).float().mean() >= 0.999
+    assert_same_panoptic_and_instances(ours, eager)
 
 
 @pytest.mark.slow

@@ -27,7 +27,6 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 import clusten
 
 from ..point_utils import (
-    SHEPARD_EPS,
     PointConv,
     autocast_off,
     gather_points,
@@ -151,12 +150,9 @@ class MSDeformAttnPc(MSDeformAttn):
             nbr_pos = table_pos.index_select(0, row).view(*loc.shape[:-1], 2, SAMPLING_K)
             dx, dy = loc[..., :1] - nbr_pos[..., 0, :], loc[..., 1:] - nbr_pos[..., 1, :]
             dist2 = dx * dx + dy * dy
-            if table_valid is None:
-                nn_weight = shepard_weights(dist2, self.shepard_power)
-            else:  # missing candidates of a level with fewer than 4 tokens weigh 0
-                valid = table_valid.index_select(0, row).view(dist2.shape)
-                u = torch.where(valid, 1.0 / (dist2.pow(self.shepard_power) + SHEPARD_EPS), 0.0)
-                nn_weight = u / u.sum(dim=-1, keepdim=True)
+            # missing candidates of a level with fewer than 4 tokens weigh 0
+            valid = None if table_valid is None else table_valid.index_select(0, row).view(dist2.shape)
+            nn_weight = shepard_weights(dist2, self.shepard_power, valid=valid)
             out = clusten.msdetrpc(nn_idx, nn_weight.view(b * nh, q, nk * nl, SAMPLING_K), attn, value)
         return self.output_proj(out.view(b, nh, q, c // nh).transpose(1, 2).reshape(b, q, c))
 
