@@ -2,7 +2,8 @@
 
 ``decompositions()`` is a decomposition table for ``ExportedProgram.run_decompositions``: it
 replaces ``clusten::gather_dot``, ``clusten::gather_sum``, ``clusten::knn`` and
-``clusten::cluster_attention_fwd`` and ``clusten::ms_deform_attn`` by their PyTorch references (one chunk for symbolic sizes),
+``clusten::cluster_attention_fwd`` and ``clusten::ms_deform_attn`` by their PyTorch references (one chunk for
+symbolic sizes; the neighbour search a ``scan`` over fixed-size query chunks),
 so that an exported program runs with torch alone and converts to ONNX with standard operators.
 """
 import torch

@@ -11,7 +11,9 @@ what ``clusten.flops`` counts). Which search it uses is a process-wide setting:
 ``set_knn_method("brute_force")`` (or ``with knn_method("brute_force"): ...``) keeps every search
 on the brute force, the original's way; ``auto`` (default) sends a 2-D search to the grid search
 when that is cheaper on its device (``grid_search_pays``). The default is read once, at import,
-from ``CLUSTEN_KNN``.
+from ``CLUSTEN_KNN``. While exporting (``torch.export``, symbolic sizes) the brute force runs as a
+``scan`` over fixed-size query chunks, and a search over a whole pixel grid (``grid_hw``) as
+``pixel_grid_knn``: bounded memory, no host synchronisation, the same results.
 """
 import torch
 from torch import Tensor
@@ -25,6 +27,9 @@ from .validation import check
 # fewer, larger launches (about 0.5 GB of temporaries).
 CHUNK_PAIRS_CPU = 1 << 18
 CHUNK_PAIRS_GPU = 1 << 24
+# queries per step when the sizes are symbolic (torch.export): the steps are a ``scan`` over
+# fixed-size chunks, so an exported search keeps ``SCAN_QUERIES x n_`` pairs alive, not ``n x n_``
+SCAN_QUERIES = 256
 # Measured cost (seconds) of the two exact searches per device type: brute force per query x
 # database pair; the grid search (clusten.grid_knn, same results) per query and per call.
 # CPU (AFF-Tiny's searches at 512 x 512, one thread): brute force ~20 ns per pair, the grid
@@ -62,7 +67,7 @@ def _check(query, database, k):
 
 
 @torch.no_grad()
-def knn(query, database, k, return_dist=False):
+def knn(query, database, k, return_dist=False, grid_hw=None):
     """The k nearest database points of every query point.
 
     Args:
@@ -70,6 +75,9 @@ def knn(query, database, k, return_dist=False):
         database: ``b x n_ x d`` positions, same device.
         k: number of neighbours, ``1 <= k <= n_``.
         return_dist: also return the distances.
+        grid_hw: ``(h, w)`` when the database is every pixel of an ``h x w`` grid, each once, and
+            the queries lie within it: an exported graph (``torch.export``) then searches only a
+            window around each query (``pixel_grid_knn``) instead of the whole database.
     Returns:
         ``b x n x k`` int64 database indices, nearest first (ties: lower index first), and, if
         ``return_dist``, the ``b x n x k`` float32 Euclidean distances.
@@ -82,6 +90,8 @@ def knn(query, database, k, return_dist=False):
     if torch.compiler.is_exporting():
         # the grid search sizes its rounds on the host: not inside an exported graph (under
         # torch.compile the op stays one opaque node that runs eagerly)
+        if grid_hw is not None and k <= WINDOW_K:
+            return pixel_grid_knn(query, database, grid_hw, k, return_dist)
         return brute_force_knn(query, database, k, return_dist)
     idx, dist = _knn_op(query, database, k)
     return (idx, dist) if return_dist else idx
@@ -119,6 +129,9 @@ def brute_force_knn(query, database, k, return_dist=False):
     # float32 positions, float64 arithmetic, one b x d x n row per axis (unit stride).
     q = query.detach().float().double().transpose(1, 2).contiguous()
     db = database.detach().float().double().transpose(1, 2).contiguous()
+    if not isinstance(n * n_db, int):
+        idx, sq = _scanned_search(q, db, k)
+        return (idx, sq.sqrt().float()) if return_dist else idx
     pairs = CHUNK_PAIRS_CPU if query.device.type == "cpu" else CHUNK_PAIRS_GPU
     idx, dist = [], []  # concatenated, not written into buffers: functional (export)
     for start, end in query_chunks(n, b * n_db, pairs):
@@ -129,6 +142,88 @@ def brute_force_knn(query, database, k, return_dist=False):
             dist.append(chunk_sq.sqrt().float())
     idx = torch.cat(idx, dim=1)
     return (idx, torch.cat(dist, dim=1)) if return_dist else idx
+
+
+def _scanned_search(q, db, k):
+    """``k_smallest`` of ``b x d x n`` queries over ``b x d x n_`` (float64) for symbolic sizes:
+    a ``scan`` (ONNX ``Scan``) over ``n // SCAN_QUERIES + 2`` chunks of ``SCAN_QUERIES`` queries
+    (at least two: a single one would be specialised as a broadcast); chunk rows past the last
+    query repeat it and are dropped. The sizes are written without remainders, which the
+    exporter could not prove the guards of. Returns ``b x n x k`` indices and squared distances."""
+    from torch._higher_order_ops.scan import scan
+
+    b, _, n = q.shape
+    rows = torch.arange(SCAN_QUERIES, device=q.device)
+    starts = torch.arange(n // SCAN_QUERIES + 2, device=q.device) * SCAN_QUERIES
+
+    def step(database, start):  # the database rides along as the unchanged carry
+        chunk = q.index_select(2, (start + rows).clamp(max=n - 1))
+        return database.clone(), k_smallest(_squared_distances(chunk, database), k)
+
+    _, (idx, sq) = scan(step, db, starts)  # chunks x b x SCAN_QUERIES x k
+    # query j is row j of the chunks laid end to end
+    where = torch.arange(n, device=q.device).view(1, n, 1).expand(b, n, k)
+
+    def unchunk(t):
+        return t.permute(1, 0, 2, 3).reshape(b, -1, k).gather(1, where)
+
+    return unchunk(idx), unchunk(sq)
+
+
+# pixel_grid_knn: a (2 * WINDOW_RADIUS + 1)^2 window holds the WINDOW_K nearest pixels of any
+# point of the grid: 9 pixels lie within sqrt(8) of it (a 3 x 3 block), every pixel outside the
+# window at least WINDOW_RADIUS + 0.5 = 3.5 away
+WINDOW_RADIUS = 3
+WINDOW_K = 9
+
+
+@torch.no_grad()
+def pixel_grid_knn(query, pixels, grid_hw, k, return_dist=False):
+    """``knn`` when the database is a whole pixel grid: each query's candidates are the pixels of
+    a fixed window around it, so the cost and memory are ``n x 49``, without host
+    synchronisation or data-dependent shapes (``torch.export``). Same results as ``knn``.
+
+    Args:
+        query: ``b x n x 2`` positions (x, y) within ``[0, w-1] x [0, h-1]``.
+        pixels: ``b x (h*w) x 2`` the integer (x, y) of every pixel of the ``h x w`` grid, each
+            once, in any order (the database; its order decides ties).
+        grid_hw: (h, w), each at least ``2 * WINDOW_RADIUS + 1`` (smaller grids: brute force).
+        k: ``1 <= k <= WINDOW_K``; return_dist: as ``knn``.
+    """
+    s = _check(query, pixels, k)
+    h, w = grid_hw
+    size = 2 * WINDOW_RADIUS + 1
+    if s["d"] != 2 or k > WINDOW_K or h * w != s["n_"]:
+        raise ValueError(f"pixel_grid_knn: needs 2-D points, k <= {WINDOW_K} and h * w = {s['n_']} database "
+                         f"points, got d={s['d']}, k={k}, grid {h} x {w}")
+    if h < size or w < size:
+        return brute_force_knn(query, pixels, k, return_dist)
+    b, n = s["b"], s["n"]
+    q = query.detach().float()
+    pixel = pixels[..., 1].long() * w + pixels[..., 0].long()  # b x hw
+    if not torch.compiler.is_exporting():  # the premises (an exported graph cannot check them)
+        if (q < 0).any() or (q[..., 0] > w - 1).any() or (q[..., 1] > h - 1).any():
+            raise ValueError(f"pixel_grid_knn: queries must lie within the {h} x {w} grid")
+        if not torch.equal(pixel.sort(dim=1).values, torch.arange(h * w, device=pixel.device).expand(b, -1)):
+            raise ValueError(f"pixel_grid_knn: the database must hold every pixel of the {h} x {w} grid once")
+    owner = torch.zeros_like(pixel).scatter(1, pixel, torch.arange(h * w, device=pixel.device).expand(b, -1))
+    # window centres, clamped so that the window stays inside the grid
+    offset = torch.arange(-WINDOW_RADIUS, WINDOW_RADIUS + 1, device=q.device)
+    cx = q[..., 0].round().long().clamp(WINDOW_RADIUS, w - 1 - WINDOW_RADIUS)
+    cy = q[..., 1].round().long().clamp(WINDOW_RADIUS, h - 1 - WINDOW_RADIUS)
+    cell = (cy[..., None, None] + offset[:, None]) * w + cx[..., None, None] + offset  # b x n x size x size
+    cand = owner.gather(1, cell.reshape(b, -1)).view(b, n, size * size)
+    cand = torch.sort(cand, dim=-1, stable=True).values  # ascending database index: ties to the lower one
+    # float64 squared distances with the operations of _squared_distances (identical values)
+    cand_pos = pixels.detach().float().double().gather(1, cand.view(b, -1, 1).expand(-1, -1, 2)).view(b, n, -1, 2)
+    qd = q.double()
+    diff = qd[..., None, 0] - cand_pos[..., 0]
+    sq = diff * diff
+    diff = qd[..., None, 1] - cand_pos[..., 1]
+    sq = torch.addcmul(sq, diff, diff)
+    local, sq = k_smallest(sq, k)
+    idx = cand.gather(-1, local)
+    return (idx, sq.sqrt().float()) if return_dist else idx
 
 
 def _squared_distances(q, db):

@@ -163,7 +163,7 @@ def shepard_weights(dist2, power, eps=SHEPARD_EPS, valid=None):
     return u / u.sum(dim=-1, keepdim=True)
 
 
-def shepard_neighbours(query_pos, source_pos, k=4, power=3.0, nn_idx=None):
+def shepard_neighbours(query_pos, source_pos, k=4, power=3.0, nn_idx=None, grid_hw=None):
     """The k source tokens nearest to each query position and their Shepard weights.
 
     Depends on positions only, so a caller that interpolates several features between the same
@@ -173,11 +173,12 @@ def shepard_neighbours(query_pos, source_pos, k=4, power=3.0, nn_idx=None):
         query_pos: ``b x n x 2``; source_pos: ``b x n_ x 2``.
         k: neighbours (at most n_); power: Shepard power on the squared distance.
         nn_idx: ``b x n x k`` the neighbours if already known (no search then).
+        grid_hw: (h, w) when the sources are every pixel of an h x w grid (``clusten.knn``).
     Returns:
         ``(nn_idx b x n x k int64, weights b x n x k float32)``.
     """
     if nn_idx is None:
-        nn_idx = clusten.knn(query_pos, source_pos, min(k, source_pos.shape[1]))
+        nn_idx = clusten.knn(query_pos, source_pos, min(k, source_pos.shape[1]), grid_hw=grid_hw)
     nbr_pos = gather_points(source_pos.float(), nn_idx)
     dist2 = (nbr_pos - query_pos.float().unsqueeze(2)).pow(2).sum(-1)
     return nn_idx, shepard_weights(dist2, power)

@@ -24,6 +24,7 @@ from aff_seg.modeling.backbone.merging import reserve_count
 from aff_seg.modeling.point_utils import shepard_weights
 from detectron2.modeling import build_model
 
+from ..clusten.test_knn import Searches, exported_searches, search_cases
 from ..tools.conftest import ROOT, import_script
 from .helpers import assert_same_panoptic_and_instances
 
@@ -101,6 +102,20 @@ def test_onnx_keeps_the_shepard_epsilon(tmp_path):
                                            providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: dist2.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), ShepardWeights()(dist2), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_onnx_searches_match_eager(tmp_path, monkeypatch):
+    """The exported neighbour searches (a scan over fixed-size query chunks; a window on a pixel
+    grid) in ONNX Runtime, at point counts other than the example's, with many ties."""
+    path = str(tmp_path / "searches")
+    save(exported_searches(monkeypatch), {"outputs": ["idx", "dist", "grid_idx", "grid_dist"]}, path, "onnx")
+    session = onnxruntime.InferenceSession(os.path.join(path, runtime.MODEL_FILES["onnx"]),
+                                           providers=["CPUExecutionProvider"])
+    for case in search_cases():
+        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), case)})
+        for ours, expected in zip(got, Searches()(*case)):
+            assert torch.equal(torch.from_numpy(ours), expected)
 
 
 class ReservedGrid(nn.Module):

@@ -383,7 +383,7 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
             return y + shepard_interpolate(out[-1].to(y.dtype), (idx, weights))
 
         y = over_token_chunks(adapt, n2, features[fine], fpn_idx, fpn_weights)
-        nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K)  # b x n_2 x 9, the token itself first
+        nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K, grid_hw=grid_hw)  # b x n_2 x 9, the token itself first
         offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
 
         def mask_features(idx, offset):

@@ -46,7 +46,7 @@ class MultiScaleMaskedTransformerDecoderFASegPc(FASegDecoderMixin, MultiScaleMas
         """As ``MultiScaleMaskedTransformerDecoderPc.forward`` (same inputs and outputs)."""
         self._check_canvas(canvas_hw, mf_pos)
         src, pos_emb = self._sources(x, pos)
-        level_neighbours = self._level_neighbours(pos, mf_pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos, canvas_hw)
 
         def predict(output, level):
             neighbours = None if level is None else level_neighbours[level]

@@ -277,7 +277,7 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
         """
         self._check_canvas(canvas_hw, mf_pos)
         src, pos_emb = self._sources(x, pos)
-        level_neighbours = self._level_neighbours(pos, mf_pos)
+        level_neighbours = self._level_neighbours(pos, mf_pos, canvas_hw)
         b = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)  # Q x b x c
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
@@ -327,11 +327,12 @@ class MultiScaleMaskedTransformerDecoderPc(MaskedTransformerDecoderBase):
 
     @staticmethod
     @torch.no_grad()
-    def _level_neighbours(pos, mf_pos):
+    def _level_neighbours(pos, mf_pos, canvas_hw):
         """Each level's attention masks are read off the res2 mask logits at the level's tokens:
-        one neighbour search per level (``shepard_neighbours``), shared by every layer that
-        attends to that level."""
-        return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER) for p in pos]
+        one neighbour search per level (``shepard_neighbours``; the res2 tokens are the pixels
+        of the ``canvas_hw`` grid), shared by every layer that attends to that level."""
+        return [shepard_neighbours(p.float(), mf_pos.float(), k=MASK_SHEPARD_K, power=MASK_SHEPARD_POWER,
+                                   grid_hw=canvas_hw) for p in pos]
 
     @staticmethod
     def _check_canvas(canvas_hw, mf_pos):
