@@ -13,7 +13,9 @@ One custom op pair (``torch.ops.clusten.cluster_attention_fwd`` / ``_bwd``), two
   (:func:`clusten.cluster_attention_reference`) in the accumulation dtype, plus the logsumexp
   the backward needs; the backward formulas below, in PyTorch. On CPU, when no gradient is
   needed, ``cluster_attention`` runs that chain without the op and its logsumexp (same
-  output; the op was measured 10-15% slower at AFF-Tiny's shapes);
+  output; the op was measured 10-15% slower at AFF-Tiny's shapes), as
+  :func:`clusten.cpu.cluster_attention` (the same arithmetic without the copies to and from
+  ``b x h x n x c``; the reference's products under the ``torch`` backend);
 - Triton (:mod:`clusten.attention_triton`), registered for CUDA tensors (and for CPU tensors
   under Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests the kernels): one
   pass per tile of queries with an online softmax in float32; the forward writes only the
@@ -33,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, cpu, reference
 from .ops import _attention_scores, _check_attention, attention_logits
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,6 +61,10 @@ def cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
     index_kind = "index:n_" if nbhd_idx.device.type == "cpu" else "shape"
     _check_attention("cluster_attention", query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, index_kind)
     if _chain_on_cpu(query, key, value, bias, blank_k, blank_v):
+        if backends.get_backend() != "torch" and not torch.compiler.is_compiling():  # (traced: the ops)
+            out = cpu.cluster_attention(query, key, value, nbhd_idx.long(), bias, mask, blank_k, blank_v)
+            if out is not None:
+                return out
         out, _ = _reference_scores(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
         return new_output(query).copy_(out)
     out, _ = torch.ops.clusten.cluster_attention_fwd(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import MASK_LOGIT
+from .reference import MASK_LOGIT
 
 _MASK_LOGIT = tl.constexpr(MASK_LOGIT)
 

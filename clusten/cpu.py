@@ -14,13 +14,18 @@ equal the reference's up to float rounding (the sums run in another order); floa
 inputs are computed in float32, as there.  ``scatter_sum`` (gradients only) keeps the reference,
 and so does ``gather_dot`` when a row has more neighbours than the table has rows (duplicates:
 ``sampled_addmm`` refuses more entries than a dense matrix has).
+
+``cluster_attention`` is the fused attention's forward in CPU inference (no autograd) on the same
+two products, sharing one pattern whose rows are ordered (image, query, head): the queries and the
+output keep the ``b x n x h x c`` layout of the projections around the op, so neither is copied
+to ``b x h x n x c``.
 """
 import warnings
 
 import torch
 
 from . import reference
-from .reference import accumulate_dtype, query_chunks
+from .reference import MASK_LOGIT, accumulate_dtype, query_chunks
 
 CHUNK_ENTRIES = 1 << 22  # sparse entries per chunk of queries (index + value: 48 MiB)
 # ``gather_sum`` with at most this many neighbours per query runs ``torch.sparse.mm(..., "sum")``
@@ -32,13 +37,17 @@ CHUNK_ENTRIES = 1 << 22  # sparse entries per chunk of queries (index + value: 4
 ROW_SUM_MAX_ENTRIES = 16
 
 
-def _pattern(idx, groups, n_src, r):
+def _pattern(idx, groups, n_src, r, query_major=False):
     """Row pointers and column indices of ``S`` for ``idx`` (``b x n x m``): rows ordered
-    (group, query, r), each holding its query's ``m`` table rows in neighbour order."""
+    (group, query, r), or (image, query, head) with ``query_major`` (r = 1), each holding its
+    query's ``m`` table rows in neighbour order."""
     b, n, m = idx.shape
     heads = groups // b
-    offset = torch.arange(groups, dtype=torch.int64, device=idx.device).view(b, heads, 1, 1, 1) * n_src
-    cols = (idx.view(b, 1, n, 1, m) + offset).expand(b, heads, n, r, m).reshape(-1)  # one pass when r = 1
+    offset = torch.arange(groups, dtype=torch.int64, device=idx.device) * n_src
+    if query_major:
+        cols = (idx.view(b, n, 1, m) + offset.view(b, 1, heads, 1)).reshape(-1)
+    else:
+        cols = (idx.view(b, 1, n, 1, m) + offset.view(b, heads, 1, 1, 1)).expand(b, heads, n, r, m).reshape(-1)
     crow = torch.arange(0, cols.numel() + 1, m, dtype=torch.int64, device=idx.device)
     return crow, cols
 
@@ -105,3 +114,41 @@ def gather_sum(w, y, idx):
         out = torch.sparse.mm(matrix, table, "sum") if m <= ROW_SUM_MAX_ENTRIES else matrix @ table
         chunks.append(out.view(g, e - s, r, c).to(w.dtype))
     return _joined(chunks)
+
+
+@_no_autocast
+def cluster_attention(query, key, value, idx, bias, mask, blank_k, blank_v):
+    """:func:`clusten.cluster_attention`'s forward without autograd (its arguments, already checked),
+    the chain of :func:`clusten.cluster_attention_reference` in the accumulation dtype with the
+    query-key and attention-value products as sparse-matrix products over one pattern.
+
+    Every entry is the same arithmetic as that chain on CPU (the same dot products, bias and mask
+    terms, softmax rows and row sums), so the result is the same bit for bit. Returns
+    ``b x h x n x c`` in query's dtype, stored as ``b x n x h x c``; None where the chain's own
+    products must run instead (an empty input, or more neighbours than the table has rows).
+    """
+    b, h, n, c = query.shape
+    n_src, m = key.shape[2], idx.shape[-1]
+    if _empty(b, h, n, c, n_src, m) or m > b * h * n_src:
+        return None
+    acc = accumulate_dtype(query.dtype)
+    keys = key.to(acc).reshape(b * h * n_src, c)
+    values = value.to(acc).reshape(b * h * n_src, c)
+    blank_k, blank_v = blank_k.to(acc).view(1, 1, h, c), blank_v.to(acc).view(1, 1, h, c)
+    out = query.new_empty(b, n, h, c)
+    for s, e in query_chunks(n, b * h * m, CHUNK_ENTRIES):
+        q = query[:, :, s:e].transpose(1, 2).to(acc)  # b x q x h x c
+        rows = b * (e - s) * h
+        crow, cols = _pattern(idx[:, s:e], b * h, n_src, 1, query_major=True)
+        pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=acc), rows, b * h * n_src)
+        logits = torch.sparse.sampled_addmm(pattern, q.reshape(rows, c), keys.t(), beta=0.0).values()
+        logits = logits.view(b, e - s, h, m) + bias[:, :, s:e].transpose(1, 2).to(acc)
+        if mask is not None:
+            padded = ~mask[:, s:e] if mask.dtype == torch.bool else 1 - mask[:, s:e]
+            logits = logits + padded.unsqueeze(2).to(acc) * MASK_LOGIT
+        blank = (q * blank_k).sum(-1, keepdim=True)
+        attn = torch.cat([logits, blank], dim=-1).softmax(dim=-1)
+        matrix = _csr(crow, cols, attn[..., :-1].reshape(-1), rows, b * h * n_src)
+        mixed = matrix @ values if m > ROW_SUM_MAX_ENTRIES else torch.sparse.mm(matrix, values, "sum")
+        out[:, s:e] = mixed.view(b, e - s, h, c) + attn[..., -1:] * blank_v
+    return out.transpose(1, 2)

@@ -13,6 +13,7 @@ floating inputs are cast to the autocast dtype instead. float16/bfloat16 accumul
 import torch
 
 from . import primitives, reference
+from .reference import MASK_LOGIT
 from .validation import check, check_same_dtype
 
 
@@ -135,9 +136,6 @@ def msdetrpc(nn_idx, nn_weight, attn, value):
     out = primitives.gather_sum(mixed.contiguous(), value.to(dtype).contiguous(),
                                 nn_idx.long().reshape(b, n, m * k).contiguous())
     return out.view(b, n, s["c"])
-
-
-MASK_LOGIT = -100.0  # added to the logit of a padded neighbour slot, as in the original
 
 
 def attention_logits(query, key, nbhd_idx, bias, mask, blank_k):

@@ -25,6 +25,8 @@ CPU under ``torch.use_deterministic_algorithms(True)``.
 import torch
 
 CHUNK_ELEMENTS = 1 << 20  # gathered elements per chunk (4 MiB in float32)
+# cluster attention: added to the logit of a padded neighbour slot, as in the original
+MASK_LOGIT = -100.0
 
 
 def accumulate_dtype(dtype):

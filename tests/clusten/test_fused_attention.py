@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import clusten
 import clusten.attention as attention
 from clusten import cluster_attention, cluster_attention_reference
 
@@ -157,9 +158,12 @@ def test_cpu_inference_runs_the_chain_without_the_op(dtype):
         out = cluster_attention(**inputs)
     assert "clusten.cluster_attention_fwd.default" not in recorded.names
     assert "aten.logsumexp.default" not in recorded.names
-    assert "clusten.gather_dot.default" in recorded.names
+    assert "aten.sparse_sampled_addmm.default" in recorded.names  # clusten.cpu.cluster_attention
     op_out, _ = torch.ops.clusten.cluster_attention_fwd(*inputs.values())
     assert out.dtype == dtype and torch.equal(out, op_out) and out.transpose(1, 2).is_contiguous()
+    with torch.no_grad(), clusten.backend("torch"), _RecordedOps() as recorded:  # the reference's products
+        torch.testing.assert_close(cluster_attention(**inputs), out, rtol=1e-2, atol=1e-2)
+    assert "aten.sparse_sampled_addmm.default" not in recorded.names
     # with a gradient to compute, the op runs (its backward needs the logsumexp)
     leaves = {k: (v.requires_grad_(True) if k == "query" else v) for k, v in inputs.items()}
     with _RecordedOps() as recorded:
@@ -318,7 +322,14 @@ def test_triton_deterministic_mode_uses_twin_backward(kernels, monkeypatch):
         torch.testing.assert_close(got, want, **FP32_TOL, msg=name)
 
 
-def test_pytorch_path_is_the_reference_bit_for_bit():
-    """On CPU the fused op's forward is the reference chain itself (float32: no extra rounding)."""
-    inputs = _inputs(b=2, n=15, m=20, dtype=torch.float32, seed=15, mask_dtype=torch.bool)
-    assert torch.equal(cluster_attention(**inputs), cluster_attention_reference(**inputs))
+@pytest.mark.parametrize("shape", [dict(b=2, n=15, m=20), dict(b=1, h=4, n=40, n_src=30, m=48, masked=False),
+                                   dict(b=3, n=37, m=10, mask_dtype=torch.int64), dict(b=1, n=4, n_src=2, m=6)])
+def test_pytorch_path_is_the_reference_bit_for_bit(shape, monkeypatch):
+    """On CPU the fused op's forward is the reference chain itself (float32: no extra rounding), in
+    clusten.cpu.cluster_attention's form and (one query per chunk) in pieces; m > table rows: the
+    chain's own products."""
+    inputs = _inputs(dtype=torch.float32, seed=15, **{"mask_dtype": torch.bool, **shape})
+    expected = cluster_attention_reference(**inputs)
+    assert torch.equal(cluster_attention(**inputs), expected)
+    monkeypatch.setattr(clusten.cpu, "CHUNK_ENTRIES", 1)
+    assert torch.equal(cluster_attention(**inputs), expected)

@@ -84,17 +84,17 @@ class MSDeformAttnPc(MSDeformAttn):
             self.shepard_power = float(shepard_power)
 
     @staticmethod
-    def _candidate_table(poss, nb_idx, dtype):
-        """The candidate tokens of every pixel of every level, as one lookup table.
+    def candidate_table(poss, nb_idx):
+        """The candidate tokens of every pixel of every level, as one lookup table (positions only:
+        the encoder builds it once per forward for all its layers).
 
         Args:
             poss: list over levels of ``b x n_l x 2`` token positions.
             nb_idx: list over levels of ``b x (h*w) x k`` the level's k tokens nearest to each
                 pixel of the stride-4 grid (k = 4, or all of them when the level has fewer).
-            dtype: the geometry dtype of the positions.
         Returns:
             (idx ``(b*levels*h*w) x 4`` int64 into the concatenation of all levels' tokens,
-            positions ``(b*levels*h*w) x 2 x 4`` of those tokens (x row, y row), valid
+            positions ``(b*levels*h*w) x 2 x 4`` of those tokens (x row, y row; poss' dtype), valid
             ``(b*levels*h*w) x 4`` bool or None):
             row ``(image * levels + level) * h*w + pixel``; a level with fewer than 4 tokens
             repeats its first candidate in the missing slots, which ``valid`` marks False.
@@ -106,7 +106,7 @@ class MSDeformAttnPc(MSDeformAttn):
             valid.append(F.pad(torch.ones_like(level_idx, dtype=torch.bool), (0, missing)))
             if missing > 0:
                 level_idx = torch.cat([level_idx, level_idx[..., :1].expand(-1, -1, missing)], dim=-1)
-            pos.append(gather_points(level_pos.to(dtype), level_idx).transpose(-1, -2))
+            pos.append(gather_points(level_pos, level_idx).transpose(-1, -2))
             idx.append(level_idx + start)
             start += level_pos.shape[1]
         padded = any(level_idx.shape[-1] < SAMPLING_K for level_idx in nb_idx)
@@ -123,7 +123,7 @@ class MSDeformAttnPc(MSDeformAttn):
         Args:
             query: ``b x q x c`` (features + position encoding); pos: ``b x q x 2`` their positions.
             value: ``(b*heads) x n x c'`` the projected values of all levels' tokens (geometry dtype).
-            table: ``_candidate_table`` of all levels; grid_hw: (h, w) of the stride-4 grid.
+            table: ``candidate_table`` of all levels; grid_hw: (h, w) of the stride-4 grid.
         Returns:
             ``b x q x c`` after ``output_proj``.
         """
@@ -147,7 +147,7 @@ class MSDeformAttnPc(MSDeformAttn):
                 image_level = torch.arange(b * nl, device=pixel.device).view(b, 1, 1, 1, nl)
                 row = (pixel + image_level * (h * w)).view(-1)
                 nn_idx = table_idx.index_select(0, row).view(b * nh, q, nk * nl, SAMPLING_K)
-            nbr_pos = table_pos.index_select(0, row).view(*loc.shape[:-1], 2, SAMPLING_K)
+            nbr_pos = table_pos.index_select(0, row).to(geo).view(*loc.shape[:-1], 2, SAMPLING_K)
             dx, dy = loc[..., :1] - nbr_pos[..., 0, :], loc[..., 1:] - nbr_pos[..., 1, :]
             dist2 = dx * dx + dy * dy
             # missing candidates of a level with fewer than 4 tokens weigh 0
@@ -156,13 +156,13 @@ class MSDeformAttnPc(MSDeformAttn):
             out = clusten.msdetrpc(nn_idx, nn_weight.view(b * nh, q, nk * nl, SAMPLING_K), attn, value)
         return self.output_proj(out.view(b, nh, q, c // nh).transpose(1, 2).reshape(b, q, c))
 
-    def forward(self, queries, poss, values, nb_idx, grid_hw):
+    def forward(self, queries, poss, values, table, grid_hw):
         """
         Args:
             queries: list over levels of ``b x n_l x c`` (features + position encoding).
             poss: list over levels of ``b x n_l x 2`` token positions.
             values: list over levels of ``b x n_l x c`` (features without position encoding).
-            nb_idx: list over levels of ``b x (h*w) x 4``, the level's 4 tokens nearest to each
+            table: ``candidate_table(poss, nb_idx)``, nb_idx the levels' 4 tokens nearest to each
                 pixel of the stride-4 grid.
             grid_hw: (h, w) of the stride-4 grid.
         Returns:
@@ -178,7 +178,6 @@ class MSDeformAttnPc(MSDeformAttn):
         # geometry and aggregation in float32 at least (float64 stays float64)
         geo = torch.promote_types(queries[0].dtype, torch.float32)
         value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh).to(geo)
-        table = self._candidate_table(poss, nb_idx, geo)
         # all levels' queries at once, a chunk of them at a time in inference (bounded memory)
         out = over_token_chunks(lambda query, pos: self._attend(query, pos, value, table, grid_hw),
                                 n, torch.cat(queries, dim=1), torch.cat(poss, dim=1))
@@ -201,10 +200,11 @@ class MSDeformAttnTransformerEncoderLayerPc(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
-        """srcs, pos_embeds: lists of ``b x n_l x c``; poss: ``b x n_l x 2`` -> list of ``b x n_l x c``."""
+    def forward(self, srcs, poss, pos_embeds, table, grid_hw):
+        """srcs, pos_embeds: lists of ``b x n_l x c``; poss: ``b x n_l x 2``; table: the
+        ``MSDeformAttnPc.candidate_table`` -> list of ``b x n_l x c``."""
         queries = [s + p for s, p in zip(srcs, pos_embeds)]
-        attended = self.self_attn(queries, poss, srcs, nb_idx, grid_hw)
+        attended = self.self_attn(queries, poss, srcs, table, grid_hw)
         return [over_token_chunks(self._feed_forward, src.shape[1], src, att) for src, att in zip(srcs, attended)]
 
     def _feed_forward(self, src, att):
@@ -222,8 +222,9 @@ class MSDeformAttnTransformerEncoderPc(nn.Module):
         )
 
     def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
+        table = MSDeformAttnPc.candidate_table(poss, nb_idx)  # positions only: once for all layers
         for layer in self.layers:
-            srcs = layer(srcs, poss, pos_embeds, nb_idx, grid_hw)
+            srcs = layer(srcs, poss, pos_embeds, table, grid_hw)
         return srcs
 
 

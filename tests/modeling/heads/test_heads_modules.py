@@ -81,7 +81,7 @@ def test_deformable_attention_matches_reference():
     values = [torch.randn(1, p.shape[1], 8, dtype=torch.float64) for p in poss]
     grid = grid_positions(h, w, 1, "cpu").double()
     nb_idx = [torch.cdist(grid, p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
-    got = attn(queries, poss, values, nb_idx, (h, w))
+    got = attn(queries, poss, values, MSDeformAttnPc.candidate_table(poss, nb_idx), (h, w))
     want = reference_deform_attn(attn, queries, poss, values, (h, w))
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r.to(g.dtype), atol=1e-6, rtol=1e-6)
@@ -96,7 +96,8 @@ def test_deformable_attention_gradients_reach_offsets_and_power():
     poss = [grid_positions(h, w, 1, "cpu")[:, torch.randperm(h * w)[:n]] for n in (2, 5, 9)]
     feats = [torch.randn(1, p.shape[1], 8) for p in poss]
     nb_idx = [torch.cdist(grid_positions(h, w, 1, "cpu"), p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
-    sum(o.square().sum() for o in attn(feats, poss, feats, nb_idx, (h, w))).backward()
+    table = MSDeformAttnPc.candidate_table(poss, nb_idx)
+    sum(o.square().sum() for o in attn(feats, poss, feats, table, (h, w))).backward()
     assert attn.shepard_power.grad is not None and attn.shepard_power.grad.abs() > 0
     assert attn.sampling_offsets.weight.grad.abs().sum() > 0
 
