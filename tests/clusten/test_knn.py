@@ -112,7 +112,7 @@ def test_search_choice_follows_the_measured_cpu_cost():
     assert knn_search.grid_search_pays(4096, 4096, meta) and not knn_search.grid_search_pays(256, 16384, meta)
 
 
-def _permuted_grid(h, w, batch, generator):
+def permuted_grid(h, w, batch, generator):
     """Every pixel (x, y) of an h x w grid, each image in its own random order: ``batch x (h*w) x 2``."""
     ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     grid = torch.stack([xs, ys], -1).reshape(-1, 2)
@@ -124,7 +124,7 @@ def test_pixel_grid_search_matches_brute_force(h, w):
     # the database order decides the many ties; queries on pixels, on half pixels, anywhere
     # in the grid and on its corners; (5, 9) is below the window: brute force
     g = torch.Generator().manual_seed(4)
-    pixels = _permuted_grid(h, w, 2, g)
+    pixels = permuted_grid(h, w, 2, g)
     scale = torch.tensor([w - 1.0, h - 1.0])
     corners = torch.tensor([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]]).expand(2, -1, -1)
     for query in (pixels, (torch.rand(2, 200, 2, generator=g) * scale * 2).round() / 2,
@@ -136,49 +136,10 @@ def test_pixel_grid_search_matches_brute_force(h, w):
 
 
 def test_pixel_grid_search_names_its_premises():
-    pixels = _permuted_grid(8, 8, 1, torch.Generator().manual_seed(5))
+    pixels = permuted_grid(8, 8, 1, torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="within the 8 x 8 grid"):
         knn_search.pixel_grid_knn(torch.tensor([[[-0.5, 3.0]]]), pixels, (8, 8), 4)
     with pytest.raises(ValueError, match="every pixel of the 8 x 8 grid once"):
         knn_search.pixel_grid_knn(pixels, torch.cat([pixels[:, :1], pixels[:, :-1]], 1), (8, 8), 4)
     with pytest.raises(ValueError, match="k <= 9"):
         knn_search.pixel_grid_knn(pixels, pixels, (8, 8), 10)
-
-
-class Searches(torch.nn.Module):
-    """A whole search and a pixel-grid search, as the model runs them."""
-
-    def forward(self, query, database, pixels):
-        """pixels: ``1 x h x w x 2`` every pixel of an ``h x 8`` grid (h >= 7), any order."""
-        h, w = pixels.shape[1:3]
-        pixels = pixels.flatten(1, 2)
-        on_grid = torch.cat([pixels, query.clamp(0, 6)], 1)
-        return (*clusten.knn(query, database, 5, return_dist=True),
-                *clusten.knn(on_grid, pixels, 9, return_dist=True, grid_hw=(h, w)))
-
-
-def exported_searches(monkeypatch, queries_per_step=16):
-    """``Searches`` exported with symbolic point counts (torch.export), run in ``queries_per_step``-query scan steps."""
-    monkeypatch.setattr(knn_search, "SCAN_QUERIES", queries_per_step)
-    g = torch.Generator().manual_seed(6)
-    example = (torch.rand(1, 40, 2, generator=g) * 9, torch.rand(1, 30, 2, generator=g) * 9,
-               _permuted_grid(8, 8, 1, g).view(1, 8, 8, 2))
-    dims = {"query": {1: torch.export.Dim("n", min=2)}, "database": {1: torch.export.Dim("m", min=5)},
-            "pixels": {1: torch.export.Dim("h", min=7)}}
-    program = torch.export.export(Searches(), example, dynamic_shapes=dims, strict=False)
-    return program.run_decompositions(clusten.decompositions())
-
-
-def search_cases():
-    """(query, database, pixels) of other sizes: one step, a partial last step, whole steps, duplicates."""
-    g = torch.Generator().manual_seed(7)
-    for n, m, h in [(3, 5, 7), (16, 40, 9), (61, 23, 12), (64, 64, 8)]:
-        yield (torch.randint(0, 9, (1, n, 2), generator=g).float(), torch.randint(0, 9, (1, m, 2), generator=g).float(),
-               _permuted_grid(h, 8, 1, g).view(1, h, 8, 2))
-
-
-def test_exported_searches_match_eager(monkeypatch):
-    module = exported_searches(monkeypatch).module()
-    for case in search_cases():
-        for got, want in zip(module(*case), Searches()(*case)):
-            assert torch.equal(got, want)

@@ -24,9 +24,8 @@ from aff_seg.modeling.backbone.merging import reserve_count
 from aff_seg.modeling.point_utils import shepard_weights
 from detectron2.modeling import build_model
 
-from ..clusten.test_knn import Searches, exported_searches, search_cases
 from ..tools.conftest import ROOT, import_script
-from .helpers import assert_same_panoptic_and_instances
+from .helpers import Searches, assert_same_panoptic_and_instances, exported_searches, search_cases
 
 # semantic, panoptic and instance results (TEST.SEMANTIC_ON / PANOPTIC_ON / INSTANCE_ON)
 COCO_PANOPTIC = os.path.join(ROOT, "configs/coco/panoptic-segmentation/aff/maskformer2_aff_tiny_bs64_50ep.yaml")
@@ -105,17 +104,20 @@ def test_onnx_keeps_the_shepard_epsilon(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_searches_match_eager(tmp_path, monkeypatch):
+def test_exported_searches_match_eager(tmp_path, monkeypatch):
     """The exported neighbour searches (a scan over fixed-size query chunks; a window on a pixel
-    grid) in ONNX Runtime, at point counts other than the example's, with many ties."""
+    grid), as a torch.export program and in ONNX Runtime, at point counts other than the
+    example's, with many ties."""
+    program = exported_searches(monkeypatch)
     path = str(tmp_path / "searches")
-    save(exported_searches(monkeypatch), {"outputs": ["idx", "dist", "grid_idx", "grid_dist"]}, path, "onnx")
+    save(program, {"outputs": ["idx", "dist", "grid_idx", "grid_dist"]}, path, "onnx")
     session = onnxruntime.InferenceSession(os.path.join(path, runtime.MODEL_FILES["onnx"]),
                                            providers=["CPUExecutionProvider"])
     for case in search_cases():
-        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), case)})
-        for ours, expected in zip(got, Searches()(*case)):
-            assert torch.equal(torch.from_numpy(ours), expected)
+        expected = Searches()(*case)
+        onnx_out = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), case)})
+        for ours, program_out, want in zip(onnx_out, program.module()(*case), expected):
+            assert torch.equal(program_out, want) and torch.equal(torch.from_numpy(ours), want)
 
 
 class ReservedGrid(nn.Module):
