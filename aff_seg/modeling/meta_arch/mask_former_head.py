@@ -67,14 +67,18 @@ class MaskFormerHead(nn.Module):
             "output_format": backbone_output_format(cfg),
         }
 
-    def forward(self, features):
-        """features: the backbone's dict -> the transformer decoder's prediction dict."""
-        return self.layers(features)
+    def forward(self, features, release_features=False):
+        """features: the backbone's dict -> the transformer decoder's prediction dict.
 
-    def layers(self, features):
+        ``release_features``: the caller gives ``features`` up; the token pixel decoder removes
+        each feature tensor from it once read (freed early: bounded memory for large images).
+        """
+        return self.layers(features, release_features)
+
+    def layers(self, features, release_features=False):
         if self.output_format == "tokens":
             mask_features, mf_pos, _, multi_scale_features, multi_scale_poss = self.pixel_decoder.forward_features(
-                features)
+                features, release_features=release_features)
             canvas_hw = features[self.in_features[0] + "_spatial_shape"]
             return self.predictor(multi_scale_features, multi_scale_poss, mask_features, mf_pos, canvas_hw)
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
@@ -96,6 +100,6 @@ class MaskFormerHeadFASeg(MaskFormerHead):
                 "'MultiScaleMaskedTransformerDecoderFASeg' (the point-cloud variant)"
             )
 
-    def layers(self, features):
+    def layers(self, features, release_features=False):  # (dense maps: nothing is released)
         mask_features, _, multi_scale_features, pos = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale_features, mask_features, pos)

@@ -193,14 +193,17 @@ class MaskFormer(nn.Module):
             (``pred_masks``, ``scores``, ``pred_classes``, ``pred_boxes``) at ``height x width``.
         """
         images = self.preprocess_image(batched_inputs)
+        padded_hw, image_sizes = images.tensor.shape[-2:], images.image_sizes
         # training inputs carry a seed each (aff_seg.data.build): drop path and the sampled points
         # of an image draw from its own generator
         with image_generators(batched_inputs):
-            outputs = self.sem_seg_head(self.backbone(images.tensor))
+            features = self.backbone(images.tensor)
+            del images  # the normalised batch (4 bytes per pixel and channel) is not needed any more
+            outputs = self.sem_seg_head(features, release_features=True)
             if self.training:
                 if any("instances" not in x for x in batched_inputs):
                     raise ValueError("MaskFormer: every training input needs 'instances' (gt_classes, gt_masks)")
-                targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+                targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], padded_hw)
                 for target, x in zip(targets, batched_inputs):  # named in the criterion's label checks
                     target["file_name"] = x.get("file_name")
                 losses = self.criterion(outputs, targets)
@@ -210,21 +213,21 @@ class MaskFormer(nn.Module):
         if self.semantic_labels_only:
             return [
                 {"sem_seg_labels": semantic_labels(
-                    mask_cls.float(), mask_pred.float(), images.tensor.shape[-2:], image_size,
+                    mask_cls.float(), mask_pred.float(), padded_hw, image_size,
                     (x.get("height", image_size[0]), x.get("width", image_size[1])),
                     self.sem_seg_postprocess_before_inference)}
                 for mask_cls, mask_pred, x, image_size in zip(
-                    outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes)
+                    outputs["pred_logits"], outputs["pred_masks"], batched_inputs, image_sizes)
             ]
         mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = F.interpolate(
-            outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+            outputs["pred_masks"].float(), size=padded_hw, mode="bilinear", align_corners=False)
         del outputs
 
         settings = self.postprocess_settings()
         processed_results = []
         for mask_cls, mask_pred, input_per_image, image_size in zip(
-            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+            mask_cls_results, mask_pred_results, batched_inputs, image_sizes
         ):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
@@ -232,9 +235,9 @@ class MaskFormer(nn.Module):
                 postprocess(mask_cls, mask_pred, image_size, height, width, settings, retry=retry_if_cuda_oom))
         return processed_results
 
-    def prepare_targets(self, targets, images):
-        """Instances -> list of {"labels": T, "masks": T x H_pad x W_pad} (zero-padded)."""
-        h_pad, w_pad = images.tensor.shape[-2:]
+    def prepare_targets(self, targets, padded_hw):
+        """Instances -> list of {"labels": T, "masks": T x H_pad x W_pad} (zero-padded to ``padded_hw``)."""
+        h_pad, w_pad = padded_hw
         new_targets = []
         for t in targets:
             gt_masks = t.gt_masks.tensor if hasattr(t.gt_masks, "tensor") else t.gt_masks

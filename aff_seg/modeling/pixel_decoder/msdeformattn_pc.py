@@ -156,32 +156,34 @@ class MSDeformAttnPc(MSDeformAttn):
             out = clusten.msdetrpc(nn_idx, nn_weight.view(b * nh, q, nk * nl, SAMPLING_K), attn, value)
         return self.output_proj(out.view(b, nh, q, c // nh).transpose(1, 2).reshape(b, q, c))
 
-    def forward(self, queries, poss, values, table, grid_hw):
+    def forward(self, query, poss, value, table, grid_hw, query_pos=None):
         """
         Args:
-            queries: list over levels of ``b x n_l x c`` (features + position encoding).
+            query: ``b x n x c`` the queries of all levels' tokens, level by level (n = sum of n_l).
             poss: list over levels of ``b x n_l x 2`` token positions.
-            values: list over levels of ``b x n_l x c`` (features without position encoding).
+            value: ``b x n x c`` the features sampled (without position encoding), as ``query``.
             table: ``candidate_table(poss, nb_idx)``, nb_idx the levels' 4 tokens nearest to each
                 pixel of the stride-4 grid.
             grid_hw: (h, w) of the stride-4 grid.
+            query_pos: ``b x n x c`` or None: the queries are ``query + query_pos``, added a
+                chunk of tokens at a time (no second ``b x n x c`` tensor in inference).
         Returns:
-            list over levels of ``b x n_l x c``.
+            ``b x n x c``.
         """
-        b, _, c = queries[0].shape
+        b, n, c = query.shape
         nh, nl = self.n_heads, self.n_levels
-        if len(queries) != nl:
-            raise ValueError(f"expected {nl} levels, got {len(queries)}")
-        counts = [q.shape[1] for q in queries]
-        n = sum(counts)
-        value = self.value_proj(torch.cat(values, dim=1))  # b x n x c
+        if len(poss) != nl:
+            raise ValueError(f"expected {nl} levels, got {len(poss)}")
+        value = self.value_proj(value)  # b x n x c
         # geometry and aggregation in float32 at least (float64 stays float64)
-        geo = torch.promote_types(queries[0].dtype, torch.float32)
+        geo = torch.promote_types(query.dtype, torch.float32)
         value = value.view(b, n, nh, c // nh).transpose(1, 2).reshape(b * nh, n, c // nh).to(geo)
+
+        def attend(query, pos, query_pos):
+            return self._attend(query if query_pos is None else query + query_pos, pos, value, table, grid_hw)
+
         # all levels' queries at once, a chunk of them at a time in inference (bounded memory)
-        out = over_token_chunks(lambda query, pos: self._attend(query, pos, value, table, grid_hw),
-                                n, torch.cat(queries, dim=1), torch.cat(poss, dim=1))
-        return list(out.split(counts, dim=1))
+        return over_token_chunks(attend, n, query, torch.cat(poss, dim=1), query_pos)
 
 
 class MSDeformAttnTransformerEncoderLayerPc(nn.Module):
@@ -200,12 +202,11 @@ class MSDeformAttnTransformerEncoderLayerPc(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, srcs, poss, pos_embeds, table, grid_hw):
-        """srcs, pos_embeds: lists of ``b x n_l x c``; poss: ``b x n_l x 2``; table: the
-        ``MSDeformAttnPc.candidate_table`` -> list of ``b x n_l x c``."""
-        queries = [s + p for s, p in zip(srcs, pos_embeds)]
-        attended = self.self_attn(queries, poss, srcs, table, grid_hw)
-        return [over_token_chunks(self._feed_forward, src.shape[1], src, att) for src, att in zip(srcs, attended)]
+    def forward(self, src, poss, pos_embed, table, grid_hw):
+        """src, pos_embed: ``b x n x c``, all levels' tokens level by level; poss: list over levels
+        of ``b x n_l x 2``; table: the ``MSDeformAttnPc.candidate_table`` -> ``b x n x c``."""
+        attended = self.self_attn(src, poss, src, table, grid_hw, query_pos=pos_embed)
+        return over_token_chunks(self._feed_forward, src.shape[1], src, attended)
 
     def _feed_forward(self, src, att):
         """Residual + norm, then the FFN: ``b x n x c`` (token by token)."""
@@ -221,15 +222,19 @@ class MSDeformAttnTransformerEncoderPc(nn.Module):
             [MSDeformAttnTransformerEncoderLayerPc(**encoder_layer_kwargs) for _ in range(num_layers)]
         )
 
-    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
+    def forward(self, src, poss, pos_embed, nb_idx, grid_hw):
         table = MSDeformAttnPc.candidate_table(poss, nb_idx)  # positions only: once for all layers
         for layer in self.layers:
-            srcs = layer(srcs, poss, pos_embeds, table, grid_hw)
-        return srcs
+            src = layer(src, poss, pos_embed, table, grid_hw)
+        return src
 
 
 class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
-    """The encoder stack plus the per-level embedding added to the position encodings."""
+    """The encoder stack plus the per-level embedding added to the position encodings.
+
+    The levels' tokens run as one ``b x n x c`` tensor (level by level): the queries and the
+    values of the deformable attention and the feed-forward read it without concatenated copies.
+    """
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.1,
                  num_feature_levels=3, enc_n_points=4, shepard_power=3.0, shepard_power_learnable=True):
@@ -243,9 +248,20 @@ class MSDeformAttnTransformerEncoderOnlyPc(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         reset_encoder_parameters(self)
 
-    def forward(self, srcs, poss, pos_embeds, nb_idx, grid_hw):
-        pos_embeds = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)]
-        return self.encoder(srcs, poss, pos_embeds, nb_idx, grid_hw)
+    def forward(self, src, poss, position_encoding, nb_idx, grid_hw):
+        """
+        Args:
+            src: ``b x n x c`` all levels' tokens, level by level (n = sum of n_l).
+            poss: list over levels of ``b x n_l x 2`` positions.
+            position_encoding: ``b x n_l x 2`` -> ``b x n_l x c``, the sine encoding.
+            nb_idx: list over levels of ``b x (h*w) x 4``, the level's 4 tokens nearest to each
+                pixel of the stride-4 grid; grid_hw: (h, w) of that grid.
+        Returns:
+            ``b x n x c``.
+        """
+        pos_embed = torch.cat(
+            [position_encoding(p) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(poss)], dim=1)
+        return self.encoder(src, poss, pos_embed, nb_idx, grid_hw)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -353,22 +369,23 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
             "shepard_power_learnable": cfg.MODEL.AFF.SHEPARD_POWER_LEARNABLE,
         }
 
-    def forward_features(self, features):
-        """See the class docstring."""
+    def forward_features(self, features, release_features=False):
+        """See the class docstring. ``release_features``: remove each feature tensor (``res{i}``)
+        from ``features`` once it has been read, so that it can be freed before the large steps
+        that follow (for a caller that gives the dict up; positions and shapes stay)."""
         fine = self.in_features[0]
         # (symbolic sizes stay symbolic: int() would fix an exported graph to the example's size)
         grid_hw = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in features[fine + "_spatial_shape"])
         b = features[fine].shape[0]
         grid = grid_positions(grid_hw[0], grid_hw[1], b, features[fine].device)
+        read = features.pop if release_features else features.__getitem__
 
-        srcs, poss, pos_embeds, nb_idx = [], [], [], []
-        for lvl, name in enumerate(self.transformer_in_features[::-1]):  # res5, res4, res3
-            pos = features[name + "_pos"].float()
-            srcs.append(self.input_proj[lvl](features[name]))
-            poss.append(pos)
-            pos_embeds.append(self.pe_layer(pos))
-            nb_idx.append(clusten.knn(grid, pos, min(SAMPLING_K, pos.shape[1])))  # b x (h*w) x 4
-        out = self.transformer(srcs, poss, pos_embeds, nb_idx, grid_hw)
+        names = self.transformer_in_features[::-1]  # res5, res4, res3
+        poss = [features[name + "_pos"].float() for name in names]
+        nb_idx = [clusten.knn(grid, pos, min(SAMPLING_K, pos.shape[1])) for pos in poss]  # b x (h*w) x 4 each
+        counts = [pos.shape[1] for pos in poss]
+        src = torch.cat([proj(read(name)) for proj, name in zip(self.input_proj, names)], dim=1)
+        out = list(self.transformer(src, poss, self.pe_layer, nb_idx, grid_hw).split(counts, dim=1))
 
         # FPN level: res3 encoder output interpolated onto the res2 tokens, plus the res2 adapter
         # (the res2 tokens are the grid pixels, so their res3 neighbours are rows of nb_idx[-1])
@@ -383,7 +400,7 @@ class MSDeformAttnPixelDecoderPc(nn.Module):
             y = self.adapter_1(res2)
             return y + shepard_interpolate(out[-1].to(y.dtype), (idx, weights))
 
-        y = over_token_chunks(adapt, n2, features[fine], fpn_idx, fpn_weights)
+        y = over_token_chunks(adapt, n2, read(fine), fpn_idx, fpn_weights)
         nbhd_idx = clusten.knn(pos2, pos2, POINTCONV_K, grid_hw=grid_hw)  # b x n_2 x 9, the token itself first
         offset = pos2.unsqueeze(2) - gather_points(pos2, nbhd_idx)  # centre - neighbour
 

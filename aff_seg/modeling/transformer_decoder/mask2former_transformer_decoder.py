@@ -85,7 +85,8 @@ class CrossAttentionLayer(nn.Module):
         _xavier_init(self)
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
-        """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool."""
+        """tgt, query_pos: ``Q x b x c``; memory, pos: ``n x b x c``; memory_mask: ``b*heads x Q x n`` bool
+        (or ``Q x n`` for one image: the same for every head)."""
         return self.attend(tgt, memory, memory_mask, pos, query_pos, need_weights=False)[0]
 
     def attend(self, tgt, memory, memory_mask, pos, query_pos, need_weights=True):
@@ -239,9 +240,14 @@ class MaskedTransformerDecoderBase(nn.Module):
         }
 
     def attention_mask(self, level_prob):
-        """``b x Q x n_l`` mask probabilities -> ``b*heads x Q x n_l`` bool attention mask, True =
-        blocked (probability below ``attn_mask_threshold``)."""
-        return (level_prob < self.attn_mask_threshold).repeat_interleave(self.num_heads, dim=0)
+        """``b x Q x n_l`` mask probabilities -> bool attention mask, True = blocked (probability
+        below ``attn_mask_threshold``): ``b*heads x Q x n_l``, or ``Q x n_l`` for one image, which
+        ``nn.MultiheadAttention`` applies to every head (the same attention with 1/heads of the
+        memory for the mask and the float copy it makes of it)."""
+        blocked = level_prob < self.attn_mask_threshold
+        if blocked.shape[0] == 1:
+            return blocked[0]
+        return blocked.repeat_interleave(self.num_heads, dim=0)
 
     def make_position_encoding(self, num_pos_feats):
         raise NotImplementedError

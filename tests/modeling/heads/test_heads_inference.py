@@ -37,7 +37,7 @@ class ScriptedHead(nn.Module):
         self.num_classes = num_classes
         self.outputs = None
 
-    def forward(self, features):
+    def forward(self, features, release_features=False):
         return self.outputs
 
 

@@ -9,6 +9,7 @@ from .heads_helpers import FakeTokenBackbone  # noqa: I100  (registers the fake 
 from aff_seg.modeling.criterion import SetCriterion
 from aff_seg.modeling.matcher import HungarianMatcher
 from aff_seg.modeling.pixel_decoder.msdeformattn_pc import MSDeformAttnPc, MSDeformAttnPixelDecoderPc
+from aff_seg.modeling import point_utils
 from aff_seg.modeling.point_utils import grid_positions
 from aff_seg.modeling.point_utils import points_to_canvas, shepard_neighbours
 from aff_seg.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoderPc, PointPositionEmbeddingSine
@@ -81,10 +82,32 @@ def test_deformable_attention_matches_reference():
     values = [torch.randn(1, p.shape[1], 8, dtype=torch.float64) for p in poss]
     grid = grid_positions(h, w, 1, "cpu").double()
     nb_idx = [torch.cdist(grid, p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
-    got = attn(queries, poss, values, MSDeformAttnPc.candidate_table(poss, nb_idx), (h, w))
+    table = MSDeformAttnPc.candidate_table(poss, nb_idx)
+    got = attn(torch.cat(queries, 1), poss, torch.cat(values, 1), table, (h, w)).split([p.shape[1] for p in poss], 1)
     want = reference_deform_attn(attn, queries, poss, values, (h, w))
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r.to(g.dtype), atol=1e-6, rtol=1e-6)
+
+
+def test_deformable_attention_query_pos_added_per_chunk(monkeypatch):
+    """``query_pos`` (added a chunk of queries at a time in inference) gives exactly the
+    attention of the summed queries."""
+    monkeypatch.setattr(point_utils, "INFERENCE_CHUNK", 5)
+    torch.manual_seed(0)
+    h, w = 6, 7
+    attn = MSDeformAttnPc(d_model=8, n_levels=3, n_heads=2, n_points=2)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 1.0)
+        attn.attention_weights.weight.normal_(0, 1.0)
+    poss = [grid_positions(h, w, 1, "cpu")[:, torch.randperm(h * w)[:n]] for n in (3, 6, 11)]
+    nb_idx = [torch.cdist(grid_positions(h, w, 1, "cpu"), p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
+    table = MSDeformAttnPc.candidate_table(poss, nb_idx)
+    query, query_pos, value = torch.randn(3, 1, 20, 8).unbind()
+    with torch.no_grad():
+        assert len(point_utils.inference_chunks(20)) == 4
+        got = attn(query, poss, value, table, (h, w), query_pos=query_pos)
+        want = attn(query + query_pos, poss, value, table, (h, w))
+    assert torch.equal(got, want)
 
 
 def test_deformable_attention_gradients_reach_offsets_and_power():
@@ -96,8 +119,8 @@ def test_deformable_attention_gradients_reach_offsets_and_power():
     poss = [grid_positions(h, w, 1, "cpu")[:, torch.randperm(h * w)[:n]] for n in (2, 5, 9)]
     feats = [torch.randn(1, p.shape[1], 8) for p in poss]
     nb_idx = [torch.cdist(grid_positions(h, w, 1, "cpu"), p).sort(dim=-1, stable=True)[1][..., :4] for p in poss]
-    table = MSDeformAttnPc.candidate_table(poss, nb_idx)
-    sum(o.square().sum() for o in attn(feats, poss, feats, table, (h, w))).backward()
+    feats = torch.cat(feats, 1)
+    attn(feats, poss, feats, MSDeformAttnPc.candidate_table(poss, nb_idx), (h, w)).square().sum().backward()
     assert attn.shepard_power.grad is not None and attn.shepard_power.grad.abs() > 0
     assert attn.sampling_offsets.weight.grad.abs().sum() > 0
 
@@ -127,6 +150,14 @@ def test_pixel_decoder_outputs():
     assert [f.shape[1] for f in ms_feats] == [feats[f"res{i}"].shape[1] for i in (5, 4, 3)]
     assert res5_out is ms_feats[0]
     assert all(torch.equal(p, feats[f"res{i}_pos"]) for p, i in zip(ms_poss, (5, 4, 3)))
+
+    # release_features: the same outputs; the feature tensors leave the dict, positions stay
+    given = dict(feats)
+    released = decoder.forward_features(given, release_features=True)
+    assert not any(f"res{i}" in given for i in (2, 3, 4, 5))
+    assert all(f"res{i}_pos" in given for i in (2, 3, 4, 5))
+    assert torch.equal(released[0], mask_features)
+    assert all(torch.equal(a, b) for a, b in zip(released[3], ms_feats))
 
 
 def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
@@ -163,6 +194,33 @@ def test_transformer_decoder_outputs_and_point_sampled_attention_mask():
     dense = masks[torch.arange(b)[:, None], :, level_pos[..., 1], level_pos[..., 0]]  # b x n_l x Q
     expected = (dense.transpose(1, 2) < 0).repeat_interleave(4, dim=0)
     assert torch.equal(attn_mask, expected)
+
+
+def test_one_image_attention_mask_is_shared_by_the_heads(monkeypatch):
+    """With one image the attention mask is ``Q x n_l`` (applied to every head): the same outputs
+    as the ``heads x Q x n_l`` mask, bit for bit, in the decoder and in ``attend`` (weights too)."""
+    torch.manual_seed(0)
+    (h, w), dim = (6, 10), 32
+    feats = fake_features(1, (h, w), channels=(dim,) * 4)
+    args = ([feats[f"res{i}"] for i in (5, 4, 3)], [feats[f"res{i}_pos"] for i in (5, 4, 3)],
+            torch.randn(1, h * w, dim), feats["res2_pos"], (h, w))
+    decoder = small_decoder(dim=dim).eval()
+    level_prob = torch.rand(1, 5, 17)
+    assert torch.equal(decoder.attention_mask(level_prob), level_prob[0] < 0.5)
+    with torch.no_grad():
+        got = decoder(*args)
+        monkeypatch.setattr(type(decoder), "attention_mask",
+                            lambda self, prob: (prob < 0.5).repeat_interleave(self.num_heads, dim=0))
+        want = decoder(*args)
+    assert torch.equal(got["pred_logits"], want["pred_logits"]) and torch.equal(got["pred_masks"], want["pred_masks"])
+
+    layer = decoder.transformer_cross_attention_layers[0]
+    tgt, query_pos, memory, pos = torch.randn(5, 1, dim), torch.randn(5, 1, dim), torch.randn(17, 1, dim), torch.randn(
+        17, 1, dim)
+    mask = level_prob[0] < 0.5
+    shared = layer.attend(tgt, memory, mask, pos, query_pos)
+    per_head = layer.attend(tgt, memory, mask.repeat(4, 1, 1), pos, query_pos)
+    assert torch.equal(shared[0], per_head[0]) and torch.equal(shared[1], per_head[1])
 
 
 def test_transformer_decoder_rejects_partial_canvas():
