@@ -50,10 +50,9 @@ MODELS = {
 # share one torch.export (export_program) between their formats. An export takes 10-25 s of
 # CPU, an ONNX conversion 10-20 s.
 CLI_MODELS = ("segformer",)
-# (grid Mask2Former and FASeg share the pixel decoder and the decoder's base: the first is run as a
-# program, the second through ONNX Runtime)
-CASES = [("segformer", "torch_export"), ("segformer", "onnx"), ("grid", "torch_export"), ("faseg_grid", "onnx"),
-         ("boostformer", "torch_export"), ("boostformer", "onnx")]
+CASES = [("segformer", "torch_export"), ("segformer", "onnx"), ("grid", "torch_export"), ("grid", "onnx"),
+         ("faseg_grid", "torch_export"), ("faseg_grid", "onnx"), ("boostformer", "torch_export"),
+         ("boostformer", "onnx")]
 
 
 def make_cfg(name, *extra):
