@@ -61,8 +61,10 @@ def cluster_attention(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
     index_kind = "index:n_" if nbhd_idx.device.type == "cpu" else "shape"
     _check_attention("cluster_attention", query, key, value, nbhd_idx, bias, mask, blank_k, blank_v, index_kind)
     if _chain_on_cpu(query, key, value, bias, blank_k, blank_v):
-        if backends.get_backend() != "torch" and not torch.compiler.is_compiling():  # (traced: the ops)
-            out = cpu.cluster_attention(query, key, value, nbhd_idx.long(), bias, mask, blank_k, blank_v)
+        # traced (torch.jit.trace, as fvcore's FLOP count does) or compiled: the chain's recorded ops
+        if backends.get_backend() != "torch" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            with torch.profiler.record_function("clusten::cluster_attention_cpu"):  # named in profiles
+                out = cpu.cluster_attention(query, key, value, nbhd_idx.long(), bias, mask, blank_k, blank_v)
             if out is not None:
                 return out
         out, _ = _reference_scores(query, key, value, nbhd_idx, bias, mask, blank_k, blank_v)
